@@ -1,0 +1,2 @@
+"""HarMA platform."""
+__version__ = "0.1.0"

@@ -1,0 +1,350 @@
+"""THE configuration schema of the platform: one typed, frozen, validated object.
+
+A job is a YAML file plus `a.b=c` overrides::
+
+    harma config validate jobs/demo.yaml
+    harma config show jobs/demo.yaml train.optimizer.lr=3e-4 model.adapter.rank=32
+
+`load_config(path, overrides)` reads the YAML, applies the overrides to the raw dict (values parsed
+as YAML scalars, so `[1,2]`, `null` and `1e-4` work), rejects unknown dotted paths with a
+closest-match hint, and validates into `PlatformConfig`. Every error names the offending dotted
+path. This module imports only pydantic, yaml and the standard library, so validating a config
+starts instantly.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the dotted path."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+# --------------------------------------------------------------------------------------------
+# run
+# --------------------------------------------------------------------------------------------
+class RunConfig(_Section):
+    """Identity of a run and where its artifacts go."""
+
+    name: str = Field("harma-run", description="Run name: lower-case letters, digits and '-'.")
+    output_dir: str = Field(
+        "runs", description="Local folder or s3:// prefix; the run writes into output_dir/name."
+    )
+    seed: int = Field(3407, description="Seeds adapters, data order and augmentation.")
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", value):
+            raise ValueError("must match [a-z0-9][a-z0-9-]* (lower-case letters, digits, '-')")
+        return value
+
+
+# --------------------------------------------------------------------------------------------
+# model
+# --------------------------------------------------------------------------------------------
+class BackboneConfig(_Section):
+    """The frozen open_clip backbone."""
+
+    arch: str = Field(
+        "ViT-B-32",
+        description="An open_clip model name (ViT-B-32, ViT-B-32-quickgelu, ...), a bundled "
+        "architecture (harma-tiny) or a path to an open_clip architecture JSON.",
+    )
+    weights_uri: str | None = Field(
+        None,
+        description="None = random init; else a local path or s3:// URI of an open_clip state "
+        "dict (.safetensors/.pt/.bin) or an OpenAI/GeoRSCLIP-style .pt.",
+    )
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+
+class AdapterConfig(_Section):
+    """HarMA adapters (MGA after each block's MLP, with the mini shared adapter)."""
+
+    kind: Literal["harma", "none"] = Field(
+        "harma", description="'none' trains no adapters (the frozen backbone, or full training)."
+    )
+    layout: Literal["official", "paper"] = Field(
+        "official",
+        description="'official': the paper code's structure (mini-adapter on the text side only);"
+        " 'paper': the layer-l mini-adapter is shared by the image and the text adapter.",
+    )
+    rank: int = Field(128, ge=1, description="Adapter bottleneck width.")
+    heads: int = Field(8, ge=1, description="Heads of the adapter's attention.")
+    mini_rank: int = Field(64, ge=1, description="Mini (shared) adapter width.")
+    mini_heads: int = Field(8, ge=1)
+    gate_init: float = Field(0.6, description="Initial value of every gate logit.")
+    text_padding_mask: bool = Field(
+        True,
+        description="Text-side adapter attention ignores padding; false reproduces the official "
+        "unmasked behaviour.",
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> AdapterConfig:
+        if self.rank % self.heads:
+            raise ValueError(f"rank ({self.rank}) must be divisible by heads ({self.heads})")
+        if self.mini_rank % self.mini_heads:
+            raise ValueError(
+                f"mini_rank ({self.mini_rank}) must be divisible by mini_heads ({self.mini_heads})"
+            )
+        return self
+
+
+class ModelConfig(_Section):
+    backbone: BackboneConfig = BackboneConfig()
+    adapter: AdapterConfig = AdapterConfig()
+    temperature_init: float = Field(0.07, gt=0, description="Initial contrastive temperature.")
+    train_backbone: bool = Field(
+        False, description="Train every backbone weight too (used to pre-train a base model)."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------
+class AugmentConfig(_Section):
+    """Training augmentation (harma-method.md section 3)."""
+
+    enabled: bool = True
+    crop_scale_min: float = Field(0.5, gt=0, le=1)
+    hflip: bool = True
+    randaug_ops: int = Field(2, ge=0, description="RandomAugment N (ops per image).")
+    randaug_magnitude: int = Field(7, ge=0, le=10, description="RandomAugment M.")
+
+
+class DataConfig(_Section):
+    """Where a dataset in the RSITMD/RSICD layout lives and how samples are made."""
+
+    root: str = Field("data/synth", description="Dataset folder: annotations/ + images/.")
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    max_words: int = Field(30, ge=1, description="Captions are cut to this many words.")
+    augment: AugmentConfig = AugmentConfig()
+
+
+# --------------------------------------------------------------------------------------------
+# train
+# --------------------------------------------------------------------------------------------
+class OptimizerConfig(_Section):
+    lr: float = Field(4e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.04, ge=0)
+    decay_scalars: bool = Field(
+        True, description="Apply weight decay to gates and temperature (as the paper code does)."
+    )
+
+
+class ScheduleConfig(_Section):
+    warmup_fraction: float = Field(0.1, ge=0, lt=1)
+    min_lr_fraction: float = Field(0.0, ge=0, le=1, description="Linear decay ends here.")
+
+
+class LossConfig(_Section):
+    """L = w_c * L_contrastive + w_t * L_triplet + w_u * L_uniformity."""
+
+    contrastive_weight: float = Field(1.0, ge=0)
+    triplet_weight: float = Field(1.0, ge=0)
+    triplet_margin: float = Field(0.2, ge=0)
+    triplet_gamma: float = Field(2.0, ge=0)
+    triplet_same_image: Literal["negative", "positive"] = Field(
+        "negative",
+        description="How the triplet loss treats other captions of the same image: 'negative' "
+        "as the paper code does, 'positive' excludes them from the negatives.",
+    )
+    triplet_reduction: Literal["sum", "mean"] = Field(
+        "sum", description="'sum' as the paper code (scales with B^2), 'mean' over pairs."
+    )
+    uniformity_weight: float = Field(0.0, ge=0)
+    uniformity_t: float = Field(2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> LossConfig:
+        if self.contrastive_weight + self.triplet_weight + self.uniformity_weight <= 0:
+            raise ValueError("at least one loss weight must be positive")
+        return self
+
+
+class TrainConfig(_Section):
+    steps: int = Field(200, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(64, ge=2, description="Global batch size (image-caption pairs).")
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    loss: LossConfig = LossConfig()
+    eval_every: int = Field(50, ge=1, description="Validate every this many steps.")
+    log_every: int = Field(10, ge=1)
+    eval_batch_size: int = Field(128, ge=1)
+
+
+# --------------------------------------------------------------------------------------------
+# demo
+# --------------------------------------------------------------------------------------------
+class DemoConfig(_Section):
+    """`harma demo`: synthesise data, pre-train a tiny base model, HarMA-adapt it, evaluate."""
+
+    images: int = Field(600, ge=20, description="Downstream images (train+val+test).")
+    pretrain_images: int = Field(1200, ge=0, description="Images of the pre-training split.")
+    pretrain_steps: int = Field(300, ge=0)
+    pretrain_lr: float = Field(1e-3, gt=0)
+    pretrain_batch_size: int = Field(128, ge=2)
+
+
+# --------------------------------------------------------------------------------------------
+# the whole thing
+# --------------------------------------------------------------------------------------------
+class PlatformConfig(_Section):
+    """The resolved configuration of one job."""
+
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    demo: DemoConfig = DemoConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML-able dict; `PlatformConfig.model_validate(d) == self`."""
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def with_overrides(self, overrides: dict[str, Any] | list[str]) -> PlatformConfig:
+        """A new config with dotted-path overrides applied (`{"a.b": 1}` or `["a.b=1"]`)."""
+        return _validate(apply_overrides(self.to_dict(), overrides), source="overrides")
+
+
+# --------------------------------------------------------------------------------------------
+# loading and overrides
+# --------------------------------------------------------------------------------------------
+def parse_override(text: str) -> tuple[str, Any]:
+    """`"a.b=c"` -> `("a.b", value)`, the value parsed as a YAML scalar/flow value."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form dotted.path=value")
+    path, raw = text.split("=", 1)
+    path = path.strip()
+    if not path or any(not part for part in path.split(".")):
+        raise ConfigError(f"override {text!r} has an empty path component")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {path}: cannot parse value {raw!r}: {err}") from err
+    return path, value
+
+
+def _known_children(model: type[BaseModel]) -> dict[str, Any]:
+    return {name: field.annotation for name, field in model.model_fields.items()}
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def check_path(path: str, model: type[BaseModel] = None) -> None:  # type: ignore[assignment]
+    """Raise ConfigError unless `path` names a field of the schema (with a closest-match hint)."""
+    model = model or PlatformConfig
+    parts = path.split(".")
+    for depth, part in enumerate(parts):
+        children = _known_children(model)
+        if part not in children:
+            where = ".".join(parts[:depth]) or "<root>"
+            hint = difflib.get_close_matches(part, list(children), n=1)
+            suggestion = f"; did you mean {'.'.join(parts[:depth] + hint)!r}?" if hint else ""
+            raise ConfigError(
+                f"unknown config key {path!r}: {where} has no field {part!r}{suggestion} "
+                f"(known: {', '.join(sorted(children))})"
+            )
+        sub = _section_type(children[part])
+        if depth < len(parts) - 1:
+            if sub is None:
+                raise ConfigError(
+                    f"unknown config key {path!r}: {'.'.join(parts[: depth + 1])} is a value, "
+                    "not a section"
+                )
+            model = sub
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any] | list[str]) -> dict[str, Any]:
+    """Apply dotted-path overrides to a raw config dict (returns a new dict)."""
+    items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides)
+    out = _deep_copy(raw)
+    for path, value in items:
+        check_path(path)
+        node = out
+        parts = path.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _deep_copy(raw: Any) -> Any:
+    if isinstance(raw, dict):
+        return {k: _deep_copy(v) for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [_deep_copy(v) for v in raw]
+    return raw
+
+
+def _validate(raw: dict[str, Any], source: str) -> PlatformConfig:
+    try:
+        return PlatformConfig.model_validate(raw)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            path = ".".join(str(p) for p in e["loc"]) or "<root>"
+            if e["type"] == "extra_forbidden":
+                try:
+                    check_path(path)
+                except ConfigError as hint:
+                    lines.append(f"  {hint}")
+                    continue
+            got = f" (got {e['input']!r})" if e["type"] != "extra_forbidden" else ""
+            lines.append(f"  {path}: {e['msg']}{got}")
+        raise ConfigError(f"invalid config in {source}:\n" + "\n".join(lines)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> PlatformConfig:
+    """Read a YAML job file (or start from defaults when `path` is None), apply overrides, validate.
+
+    Raises:
+        ConfigError: unreadable file, unknown key or wrong type; the message names the dotted path.
+    """
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as err:
+            raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
+        raw = loaded
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+        source += " + overrides"
+    return _validate(raw, source)

@@ -1,0 +1,1 @@
+"""Datasets: annotation files, generated scenes, transforms, in-memory splits."""

@@ -1,0 +1,1 @@
+"""Training: the shared step, optimizer/schedule, the local loop and evaluation."""

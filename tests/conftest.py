@@ -1,0 +1,68 @@
+"""Shared fixtures: a tiny model config, a small generated dataset, an S3 store on loopback.
+
+Tiers: tests/unit (no Ray, default), tests/ray (marked `ray`, one shared local cluster),
+tests/gpu (marked `gpu`, skipped without CUDA).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+REPO = Path(__file__).resolve().parents[1]
+ANNOTATIONS = REPO.parent / "shared" / "data" / "annotations"
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_config():
+    from harma.config import ModelConfig
+
+    return ModelConfig.model_validate({
+        "backbone": {"arch": "harma-tiny"},
+        "adapter": {"rank": 16, "heads": 4, "mini_rank": 8, "mini_heads": 4},
+    })
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> str:
+    """A small generated dataset (40 downstream + 16 pre-training images), made once."""
+    from harma.data.synth import synthesize
+
+    root = tmp_path_factory.mktemp("synth")
+    synthesize(str(root), images=40, seed=7, pretrain_images=16)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A SeaweedFS S3 endpoint on 127.0.0.1 with real credentials; env vars set for the session."""
+    from s3server import start_s3_server
+
+    server = start_s3_server(tmp_path_factory.mktemp("s3"))
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    yield server
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.stop()
