@@ -43,6 +43,7 @@ class S3Server:
     endpoint: str
     process: subprocess.Popen
     root: Path
+    ports: tuple[int, ...] = ()
     access_key: str = "harma-test"
     secret_key: str = "harma-test-secret"
 
@@ -70,6 +71,10 @@ class S3Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        # Its gRPC unix sockets go to /tmp whatever TMPDIR says; remove the ones of our ports.
+        for port in self.ports:
+            for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                sock.unlink(missing_ok=True)
 
 
 def start_s3_server(root: Path, timeout: float = 30.0) -> S3Server:
@@ -84,7 +89,8 @@ def start_s3_server(root: Path, timeout: float = 30.0) -> S3Server:
         f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
         f"-filer.port={ports['filer']}", f"-s3.port={ports['s3']}", f"-admin.port={ports['admin']}",
         f"-debug.port={ports['debug']}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false",
-        "-master.telemetry=false",
+        "-master.telemetry=false", f"-filer.localSocket={root / 'filer.sock'}",
+        f"-s3.localSocket={root / 's3.sock'}",
     ]
     (root / "data").mkdir(exist_ok=True)
     log = open(root / "weed.log", "wb")
@@ -94,7 +100,8 @@ def start_s3_server(root: Path, timeout: float = 30.0) -> S3Server:
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root,
                                start_new_session=True)
     endpoint = f"http://127.0.0.1:{ports['s3']}"
-    server = S3Server(endpoint, process, root)
+    all_ports = tuple(p + offset for p in ports.values() for offset in (0, 10000))
+    server = S3Server(endpoint, process, root, all_ports)
     deadline = time.time() + timeout
     while time.time() < deadline:
         if process.poll() is not None:

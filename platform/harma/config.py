@@ -201,6 +201,9 @@ class DemoConfig(_Section):
     pretrain_steps: int = Field(300, ge=0)
     pretrain_lr: float = Field(1e-3, gt=0)
     pretrain_batch_size: int = Field(128, ge=2)
+    pretrain_loss: LossConfig = Field(
+        default_factory=LossConfig, description="Objective of the full pre-training stage."
+    )
 
 
 # --------------------------------------------------------------------------------------------

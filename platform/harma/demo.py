@@ -41,12 +41,11 @@ DEMO_OVERRIDES: dict[str, Any] = {
     "model.adapter.mini_rank": 16,
     "model.adapter.mini_heads": 4,
     "data.augment.hflip": False,
-    "demo.pretrain_lr": 2e-3,
-    "train.steps": 400,
+    "train.steps": 600,
     "train.batch_size": 128,
     "train.optimizer.lr": 5e-3,
     "train.loss.triplet_reduction": "mean",
-    "train.eval_every": 50,
+    "train.eval_every": 100,
     "train.log_every": 25,
 }
 
@@ -69,6 +68,7 @@ def _pretrain_config(cfg: PlatformConfig, data_root: str) -> PlatformConfig:
         "train.steps": cfg.demo.pretrain_steps,
         "train.batch_size": cfg.demo.pretrain_batch_size,
         "train.optimizer.lr": cfg.demo.pretrain_lr,
+        "train.loss": cfg.demo.pretrain_loss.model_dump(),
         "train.eval_every": max(1, cfg.demo.pretrain_steps),
     })
 

@@ -69,7 +69,7 @@ def train_step(engine: Engine, batch: dict[str, torch.Tensor], loss_cfg: LossCon
     parts = harma_loss(image_emb.float(), text_emb.float(), batch["image_id"],
                        engine.model.temperature.float(), loss_cfg)
     if not torch.isfinite(parts["loss"]):
-        raise FloatingPointError(f"non-finite loss {float(parts['loss'])}; lower the learning rate")
+        raise FloatingPointError(f"non-finite loss {float(parts['loss'].detach())}; lower the learning rate")
     engine.backward(parts["loss"])
     engine.step()
     out = {k: float(v.detach()) for k, v in parts.items()}

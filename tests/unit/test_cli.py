@@ -1,0 +1,68 @@
+"""The CLI end to end on small inputs: model summary, data synth, eval, demo."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from harma.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_model_summary_json_vit_b32_official(capsys):
+    assert main(["model", "summary", "--config", str(REPO / "jobs" / "demo.yaml"), "--json",
+                 "model.backbone.arch=ViT-B-32", "model.adapter.rank=128", "model.adapter.heads=8",
+                 "model.adapter.mini_rank=64", "model.adapter.mini_heads=8"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["arch"] == "ViT-B-32" and info["adapter_layout"] == "official"
+    assert info["trainable_params"] == 5_934_397
+    assert info["total_params"] == 151_277_313 + 5_934_397
+
+
+def test_model_summary_ignores_weights_and_reports_bad_arch(capsys):
+    assert main(["model", "summary", "--config", str(REPO / "jobs" / "demo.yaml"),
+                 "model.backbone.arch=NoSuchNet"]) == 2
+    assert "unknown architecture 'NoSuchNet'" in capsys.readouterr().err
+
+
+def test_data_synth_then_eval_a_checkpoint(tmp_path, capsys, tiny_model_config):
+    from harma.config import PlatformConfig
+    from harma.model import build_model
+    from harma.model.checkpoint import save_checkpoint
+
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--images", "20", "--seed", "1"]) == 0
+    assert json.loads((data / "dataset.json").read_text())["splits"]["test"] == 3
+    cfg = PlatformConfig(model=tiny_model_config).with_overrides({"data.root": str(data)})
+    save_checkpoint(str(tmp_path / "ckpt"), build_model(cfg.model), cfg, {})
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tmp_path / "ckpt"), "--split", "test"]) == 0
+    out = capsys.readouterr().out
+    assert "I2T R@1" in out and "mR" in out
+    result = json.loads((tmp_path / "ckpt" / "eval_test.json").read_text())
+    assert result["images"] == 3 and result["captions"] == 15
+    assert set(result["metrics"]) == {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mr"}
+    assert 0 <= result["metrics"]["mr"] <= 100
+
+
+def test_eval_of_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert main(["eval", "--checkpoint", str(tmp_path / "nope")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_small(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "demo.images=40", "demo.pretrain_images=30",
+                 "demo.pretrain_steps=4", "demo.pretrain_batch_size=16", "train.steps=6",
+                 "train.batch_size=16", "train.eval_every=3", "train.log_every=2"]) == 0
+    printed = capsys.readouterr().out
+    assert "frozen base" in printed and "HarMA-adapted" in printed and "step 6/6" in printed
+    report = json.loads((out / "report" / "metrics.json").read_text())
+    assert report["test_after"]["mr"] - report["test_before"]["mr"] == pytest.approx(report["mr_gain"])
+    assert [r["step"] for r in report["adapt_history"] if "val_mr" in r] == [0, 3, 6]
+    assert (out / "report" / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "base.safetensors").is_file()
+    assert (out / "adapt" / "best" / "adapter.safetensors").is_file()
+    assert (out / "report" / "table.txt").read_text().startswith(" " * 18 + "  I2T R@1")
