@@ -96,28 +96,54 @@ def uniformity_loss(emb: torch.Tensor, t: float = 2.0) -> torch.Tensor:
     return torch.logsumexp(values, dim=0) - torch.log(torch.tensor(float(values.numel())))
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _gather_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """All-gather along dim 0 when ranks hold different row counts (padding to the largest)."""
+    world = dist.get_world_size()
+    count = torch.tensor([tensor.shape[0]], device=tensor.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)]), sizes
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        full, sizes = _gather_rows(tensor)
+        rank = dist.get_rank()
+        ctx.start, ctx.stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
+        return full
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        # Every rank's loss depends on every row: sum their gradients, keep this rank's rows.
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.start : ctx.stop]
+
+
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate `tensor` from every rank along dim 0, keeping gradients to the local slice.
+    """Concatenate `tensor` from every rank along dim 0, keeping gradients to the local rows.
 
-    The backward of torch's differentiable all_gather sums the gradient of every rank's copy of
-    the loss into each rank's slice; with each rank computing the same global loss and the
-    optimizer averaging gradients over ranks, the update equals the full-batch gradient.
-    Without an initialised process group (one worker) this is the identity.
+    The backward sums the gradient of every rank's copy of the loss into each rank's rows; with
+    each rank computing the same global loss and the optimizer averaging gradients over ranks, the
+    update equals the full-batch gradient. Ranks may hold different row counts. Without an
+    initialised process group (one worker) this is the identity.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(tensor), dim=0)
+    return _GatherWithGrad.apply(tensor) if _distributed() else tensor
 
 
 def gather_ids(ids: torch.Tensor) -> torch.Tensor:
-    """All-gather an integer tensor (no gradient)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return ids
-    parts = [torch.empty_like(ids) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, ids)
-    return torch.cat(parts, dim=0)
+    """All-gather an integer tensor (no gradient), rows in rank order."""
+    return _gather_rows(ids)[0] if _distributed() else ids
 
 
 def harma_loss(
