@@ -76,6 +76,38 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    _setup_logging()
+    from harma.data.prepare import prepare_dataset
+
+    report = prepare_dataset(args.source, args.out, args.splits, annotations=args.annotations,
+                             images=args.images, shard_images=args.shard_images,
+                             progress=logging.getLogger("harma").info)
+    bad = {s: len(r["missing"]) + len(r["undecodable"]) for s, r in report["splits"].items()}
+    for split, r in report["splits"].items():
+        print(f"{split:>8}: {r['images']} images, {r['captions']} captions, {r['shards']} shard(s), "
+              f"{bad[split]} unusable")
+        for key in (r["missing"] + r["undecodable"])[:20]:
+            print(f"          unusable: {key}")
+    print(f"report: {args.out}/prepare_report.json")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    _setup_logging()
+    cfg = load_config(args.config, args.overrides)
+    from harma.eval import format_table
+    from harma.train.driver import fit
+
+    result = fit(cfg)
+    print()
+    print(format_table({"best val": result.best_val, "test (best on val)": result.test}))
+    print(f"\n{result.steps} steps on {result.world_size} worker(s) in {result.seconds:.0f} s; "
+          f"restarts: {len(result.restarts)}; unusable images: {len(result.bad_images)}")
+    print(f"best checkpoint: {result.best_checkpoint}\nreport: {result.report_dir}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     _setup_logging()
     from harma import storage
@@ -152,6 +184,20 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--pretrain-images", type=int, default=0, help="images of a coarse pre-training split")
     synth.add_argument("--image-size", type=int, default=96)
     synth.set_defaults(func=cmd_data_synth)
+
+    prep = data.add_parser("prepare", help="annotations + images -> sharded Parquet (local or s3://)")
+    prep.add_argument("--source", default=None, help="dataset folder with annotations/ and images/")
+    prep.add_argument("--annotations", default=None, help="folder of <split>.json (default: SOURCE/annotations)")
+    prep.add_argument("--images", default=None, help="image root (default: SOURCE/images)")
+    prep.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    prep.add_argument("--splits", nargs="+", default=["train", "val", "test"])
+    prep.add_argument("--shard-images", type=int, default=512, help="images per Parquet shard")
+    prep.set_defaults(func=cmd_data_prepare)
+
+    train = sub.add_parser("train", help="Ray Train + DeepSpeed fine-tuning from prepared shards")
+    train.add_argument("--config", required=True)
+    train.add_argument("overrides", nargs="*")
+    train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on a split")
     ev.add_argument("--checkpoint", required=True, help="checkpoint folder or s3:// prefix")

@@ -129,6 +129,14 @@ class DataConfig(_Section):
     """Where a dataset in the RSITMD/RSICD layout lives and how samples are made."""
 
     root: str = Field("data/synth", description="Dataset folder: annotations/ + images/.")
+    prepared_uri: str | None = Field(
+        None,
+        description="Prepared Parquet shards (`harma data prepare --out`), local or s3://; the "
+        "Ray path (`harma train`) streams from here.",
+    )
+    max_bad_fraction: float = Field(
+        0.01, ge=0, le=1, description="Stop when more than this fraction of images is unusable."
+    )
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
@@ -179,8 +187,36 @@ class LossConfig(_Section):
         return self
 
 
+class DeepSpeedConfig(_Section):
+    """How the DeepSpeed config is derived (no hand-written DeepSpeed JSON anywhere)."""
+
+    zero_stage: Literal[0, 1, 2] = 0
+    shm_comm_op: bool = Field(
+        False, description="Build DeepSpeed's CPU shared-memory comm op (a ~1 min JIT compile; "
+        "used only for inference all-reduce)."
+    )
+
+
+class WorkersConfig(_Section):
+    """Ray Train workers: a fixed count (min == max) or an elastic range."""
+
+    min: int = Field(1, ge=1)
+    max: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(0.5, gt=0, description="Logical CPUs reserved per worker.")
+    use_gpu: bool = False
+    max_failures: int = Field(3, ge=-1, description="Restarts from the last checkpoint; -1 = no limit.")
+    resize_interval_s: float = Field(60.0, gt=0, description="How often an elastic run looks for more workers.")
+
+    @model_validator(mode="after")
+    def _range(self) -> WorkersConfig:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
+        return self
+
+
 class TrainConfig(_Section):
-    steps: int = Field(200, ge=1, description="Optimizer steps.")
+    steps: int = Field(200, ge=1, description="Optimizer steps (local loop; Ray path when epochs unset).")
+    epochs: int | None = Field(None, ge=1, description="Ray path: passes over the train split.")
     batch_size: int = Field(64, ge=2, description="Global batch size (image-caption pairs).")
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
@@ -188,6 +224,18 @@ class TrainConfig(_Section):
     eval_every: int = Field(50, ge=1, description="Validate every this many steps.")
     log_every: int = Field(10, ge=1)
     eval_batch_size: int = Field(128, ge=1)
+    workers: WorkersConfig = WorkersConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+
+    @model_validator(mode="after")
+    def _batch_splits(self) -> TrainConfig:
+        uneven = [n for n in range(self.workers.min, self.workers.max + 1) if self.batch_size % n]
+        if uneven:
+            raise ValueError(
+                f"batch_size {self.batch_size} (the global batch) must split evenly over every worker "
+                f"count in workers.min..max; it does not for {uneven}"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,7 +367,8 @@ def _validate(raw: dict[str, Any], source: str) -> PlatformConfig:
                 except ConfigError as hint:
                     lines.append(f"  {hint}")
                     continue
-            got = f" (got {e['input']!r})" if e["type"] != "extra_forbidden" else ""
+            shown = e["type"] != "extra_forbidden" and not isinstance(e["input"], dict)
+            got = f" (got {e['input']!r})" if shown else ""
             lines.append(f"  {path}: {e['msg']}{got}")
         raise ConfigError(f"invalid config in {source}:\n" + "\n".join(lines)) from None
 

@@ -3,10 +3,13 @@
     harma demo [--out harma-demo] [--config jobs/demo.yaml] [overrides]
 
 1. generates a small dataset (a pre-training split with coarse captions, and downstream
-   train/val/test splits with detailed captions) in a local folder;
-2. pre-trains the tiny backbone in full on the pre-training split (no weights can be downloaded, so
-   this stands in for a pretrained CLIP) and saves it as `base.safetensors`;
-3. HarMA-adapts the frozen base on the downstream train split, choosing the best step on val;
+   train/val/test splits with detailed captions) in a local folder, and prepares it as Parquet
+   shards in a local object-storage folder (`<out>/store`);
+2. pre-trains the tiny backbone in full on the pre-training split, in this process (no weights can
+   be downloaded, so this stands in for a pretrained CLIP) and saves it as `base.safetensors`;
+3. HarMA-adapts the frozen base through the product path, `harma.train.fit`: Ray Data streams the
+   shards into 2 Ray Train workers running the DeepSpeed-wrapped model (gloo, fp32 on CPU),
+   validating every epoch and keeping the best checkpoint on val;
 4. evaluates the frozen base and the adapted model on test, prints the table and writes
    `report/metrics.json` and `report/training.png` (loss and val mR over training).
 """
@@ -21,11 +24,13 @@ from typing import Any
 from harma import storage
 from harma.config import PlatformConfig, load_config
 from harma.data.local import eval_arrays, load_split
+from harma.data.prepare import prepare_dataset
 from harma.data.synth import synthesize
 from harma.eval import format_table
 from harma.model.backbone import build_tokenizer
 from harma.model.checkpoint import load_checkpoint, save_backbone_weights
 from harma.model.harma import build_model, parameter_summary
+from harma.train.driver import fit
 from harma.train.evaluate import evaluate_arrays
 from harma.train.local import fit_local
 
@@ -47,6 +52,9 @@ DEMO_OVERRIDES: dict[str, Any] = {
     "train.loss.triplet_reduction": "mean",
     "train.eval_every": 100,
     "train.log_every": 25,
+    "train.workers.min": 2,
+    "train.workers.max": 2,
+    "demo.images": 1000,
 }
 
 
@@ -79,9 +87,11 @@ def run_demo(cfg: PlatformConfig, out: str) -> dict[str, Any]:
     data_root = storage.join(out, "data")
     report_dir = storage.join(out, "report")
 
-    log.info("[1/4] generating the dataset in %s", data_root)
+    log.info("[1/4] generating the dataset in %s and preparing Parquet shards", data_root)
     manifest = synthesize(data_root, cfg.demo.images, seed=cfg.run.seed,
                           pretrain_images=cfg.demo.pretrain_images, progress=log.info)
+    store = storage.join(out, "store", "synth")
+    prepare_dataset(data_root, store, ["train", "val", "test"], progress=log.info)
 
     log.info("[2/4] pre-training the %s backbone in full on %d coarse-caption images (%d steps)",
              cfg.model.backbone.arch, cfg.demo.pretrain_images, cfg.demo.pretrain_steps)
@@ -93,20 +103,25 @@ def run_demo(cfg: PlatformConfig, out: str) -> dict[str, Any]:
     base_uri = storage.join(out, "base.safetensors")
     save_backbone_weights(base_uri, base)
 
-    adapt_cfg = cfg.with_overrides({"model.backbone.weights_uri": base_uri, "data.root": data_root})
+    adapt_cfg = cfg.with_overrides({"model.backbone.weights_uri": base_uri, "data.root": data_root,
+                                    "data.prepared_uri": store,
+                                    "run.output_dir": storage.join(out, "runs")})
     model = build_model(adapt_cfg.model, seed=adapt_cfg.run.seed)
     summary = parameter_summary(model)
-    log.info("[3/4] HarMA-adapting the frozen base: %d trainable of %d parameters (%s layout)",
-             summary["trainable_params"], summary["total_params"], adapt_cfg.model.adapter.layout)
     test_split = load_split(data_root, cfg.data.test_split)
     tokenizer = build_tokenizer(model.arch.name)
     test_images, test_tokens = eval_arrays(test_split, model.arch.image_size, tokenizer, cfg.data.max_words)
     before = evaluate_arrays(model, test_images, test_tokens, test_split.caption_image)
-    adapt = fit_local(adapt_cfg, storage.join(out, "adapt"), model=model, val_split=val_split)
+    log.info("[3/4] HarMA-adapting the frozen base on %d Ray Train worker(s) under DeepSpeed: %d "
+             "trainable of %d parameters (%s layout)", adapt_cfg.train.workers.max,
+             summary["trainable_params"], summary["total_params"], adapt_cfg.model.adapter.layout)
+    adapt = fit(adapt_cfg)
 
-    log.info("[4/4] evaluating on test (best step on val: %d)", adapt.best_step)
+    log.info("[4/4] evaluating on test (best checkpoint on val: step %s)", adapt.best_val.get("step"))
     best_model, _ = load_checkpoint(adapt.best_checkpoint)
     after = evaluate_arrays(best_model, test_images, test_tokens, test_split.caption_image)
+    history = [json.loads(line) for line in storage.read_bytes(
+        storage.join(adapt.report_dir, "history.jsonl")).decode().splitlines()]
     seconds = time.perf_counter() - t_start
     report = {
         "dataset": manifest,
@@ -114,13 +129,15 @@ def run_demo(cfg: PlatformConfig, out: str) -> dict[str, Any]:
         "test_before": before,
         "test_after": after,
         "mr_gain": after["mr"] - before["mr"],
-        "best_step": adapt.best_step,
         "best_val": adapt.best_val,
         "checkpoint": adapt.best_checkpoint,
+        "run_dir": adapt.run_dir,
+        "workers": adapt.world_size,
+        "train_seconds": adapt.seconds,
         "base_weights": base_uri,
         "wall_seconds": seconds,
         "pretrain_history": pre.history,
-        "adapt_history": adapt.history,
+        "adapt_history": history,
         "config": adapt_cfg.to_dict(),
     }
     storage.write_bytes(storage.join(report_dir, "metrics.json"), json.dumps(report, indent=1).encode())

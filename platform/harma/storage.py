@@ -127,3 +127,65 @@ def makedirs(uri: str | Path) -> None:
 def _short(err: OSError) -> str:
     text = str(err).splitlines()[0] if str(err) else type(err).__name__
     return text[:300]
+
+
+def list_files(prefix: str | Path, suffix: str = "") -> list[str]:
+    """URIs of the files under `prefix` (recursively) ending in `suffix`, sorted."""
+    fs, path = resolve(prefix)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    except OSError as err:
+        raise StorageError(f"{prefix}: cannot list ({_short(err)})") from None
+    found = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+    if is_s3(str(prefix)):
+        return [f"s3://{p}" for p in found]
+    return found
+
+
+def preflight(uri: str | Path, write: bool = False) -> None:
+    """Fail fast, before any worker starts, when `uri` cannot be used.
+
+    For s3:// URIs this asks the store for the bucket with boto3 and turns the usual failures into
+    one clear sentence: endpoint unreachable, bucket missing, credentials rejected. Local paths
+    must exist (or, with `write`, be creatable).
+    """
+    uri = str(uri)
+    if not is_s3(uri):
+        path = Path(uri).expanduser()
+        if write:
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise StorageError(f"{uri}: cannot create ({err.strerror})") from None
+        elif not path.exists():
+            raise StorageError(f"{uri}: no such file or folder")
+        return
+    import boto3
+    import botocore.exceptions as bex
+    from botocore.config import Config
+
+    settings = S3Settings.from_env()
+    bucket = uri[len("s3://") :].split("/", 1)[0]
+    # A fresh session: boto3's default one keeps the credentials it first found.
+    client = boto3.session.Session().client(
+        "s3",
+        endpoint_url=settings.endpoint,
+        region_name=settings.region,
+        config=Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 1}),
+    )
+    where = settings.endpoint or "AWS S3"
+    try:
+        client.head_bucket(Bucket=bucket)
+    except bex.EndpointConnectionError:
+        raise StorageError(f"{uri}: cannot reach the S3 endpoint {where}") from None
+    except bex.NoCredentialsError:
+        raise StorageError(f"{uri}: no S3 credentials found (set AWS_ACCESS_KEY_ID/"
+                           "AWS_SECRET_ACCESS_KEY or an AWS profile)") from None
+    except bex.ClientError as err:
+        code = str(err.response.get("Error", {}).get("Code", ""))
+        if code in ("404", "NoSuchBucket", "NotFound"):
+            raise StorageError(f"{uri}: bucket {bucket!r} does not exist at {where}") from None
+        if code in ("403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied"):
+            raise StorageError(f"{uri}: the S3 credentials were rejected by {where} "
+                               f"(bucket {bucket!r}, error {code})") from None
+        raise StorageError(f"{uri}: S3 error {code} at {where}") from None

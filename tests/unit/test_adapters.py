@@ -79,10 +79,9 @@ def test_adapters_are_seeded_per_instance_and_never_aliased(tiny_model_config):
     state = torch.random.get_rng_state()
     a, b, c = (build_model(tiny_model_config, seed=s) for s in (5, 5, 6))
     assert torch.equal(torch.random.get_rng_state(), state)  # global RNG untouched
-    for (na, pa), (_, pb), (_, pc) in zip(a.adapters.named_parameters(), b.adapters.named_parameters(),
-                                          c.adapters.named_parameters()):
+    for (na, pa), (_, pb) in zip(a.adapters.named_parameters(), b.adapters.named_parameters(), strict=True):
         assert torch.equal(pa, pb), na
-    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.adapters.parameters(), c.adapters.parameters()))
+    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.adapters.parameters(), c.adapters.parameters(), strict=True))
     with torch.no_grad():
         a.adapters.image[0].down.weight.add_(1.0)
     assert not torch.equal(a.adapters.image[0].down.weight, b.adapters.image[0].down.weight)

@@ -44,7 +44,7 @@ def test_round_trip_reproduces_embeddings_exactly(tmp_path, trained):
     assert json.loads((tmp_path / "ckpt" / "metrics.json").read_text())["val"]["mr"] == 12.5
     loaded, loaded_cfg = load_checkpoint(uri)
     assert loaded_cfg == cfg
-    for a, b in zip(_embed(model), _embed(loaded)):
+    for a, b in zip(_embed(model), _embed(loaded), strict=True):
         assert torch.equal(a, b)
 
 
@@ -73,5 +73,5 @@ def test_checkpoint_on_s3(s3_server, trained):
     s3_server.create_bucket("runs")
     save_checkpoint("s3://runs/demo/best", model, cfg, {"step": 3})
     loaded, _ = load_checkpoint("s3://runs/demo/best")
-    for a, b in zip(_embed(model), _embed(loaded)):
+    for a, b in zip(_embed(model), _embed(loaded), strict=True):
         assert torch.equal(a, b)

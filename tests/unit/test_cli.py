@@ -3,8 +3,6 @@
 import json
 from pathlib import Path
 
-import pytest
-
 from harma.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,20 +47,3 @@ def test_data_synth_then_eval_a_checkpoint(tmp_path, capsys, tiny_model_config):
 def test_eval_of_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(tmp_path / "nope")]) == 2
     assert "no such file" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_demo_end_to_end_small(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "demo.images=40", "demo.pretrain_images=30",
-                 "demo.pretrain_steps=4", "demo.pretrain_batch_size=16", "train.steps=6",
-                 "train.batch_size=16", "train.eval_every=3", "train.log_every=2"]) == 0
-    printed = capsys.readouterr().out
-    assert "frozen base" in printed and "HarMA-adapted" in printed and "step 6/6" in printed
-    report = json.loads((out / "report" / "metrics.json").read_text())
-    assert report["test_after"]["mr"] - report["test_before"]["mr"] == pytest.approx(report["mr_gain"])
-    assert [r["step"] for r in report["adapt_history"] if "val_mr" in r] == [0, 3, 6]
-    assert (out / "report" / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (out / "base.safetensors").is_file()
-    assert (out / "adapt" / "best" / "adapter.safetensors").is_file()
-    assert (out / "report" / "table.txt").read_text().startswith(" " * 18 + "  I2T R@1")

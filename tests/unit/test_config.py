@@ -91,7 +91,7 @@ def test_every_job_file_validates():
         assert first.startswith("#") and "harma " in first, f"{path} must start with its command"
         load_config(path)
         checked += 1
-    assert checked == 1
+    assert checked == 3
 
 
 def test_demo_job_file_equals_builtin_demo_settings():
@@ -111,3 +111,11 @@ def test_cli_config_validate_and_show(tmp_path, capsys):
     path.write_text("train: {stepz: 7}\n")
     assert main(["config", "validate", str(path)]) == 2
     assert "train.stepz" in capsys.readouterr().err
+
+
+def test_global_batch_must_split_over_every_elastic_worker_count():
+    with pytest.raises(ConfigError, match=r"does not for \[3\]"):
+        load_config(None, ["train.batch_size=428", "train.workers.min=2", "train.workers.max=4"])
+    with pytest.raises(ConfigError, match="must not exceed max"):
+        load_config(None, ["train.workers.min=3", "train.workers.max=2"])
+    load_config(None, ["train.batch_size=432", "train.workers.min=2", "train.workers.max=4"])

@@ -100,5 +100,5 @@ def test_global_batch_on_two_processes_equals_one_process(tmp_path, cfg):
     x, y, ids, w_img, w_txt = make_problem()
     loss, grads = loss_and_grads(x, y, ids, w_img, w_txt, cfg)
     assert float(got["loss"]) == pytest.approx(float(loss), rel=1e-5)
-    for g_dist, g_full in zip(got["grads"], grads):
+    for g_dist, g_full in zip(got["grads"], grads, strict=True):
         torch.testing.assert_close(g_dist, g_full, rtol=1e-4, atol=1e-6)

@@ -111,7 +111,7 @@ def _gather_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     padded[: tensor.shape[0]] = tensor
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded.contiguous())
-    return torch.cat([part[:n] for part, n in zip(parts, sizes)]), sizes
+    return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)]), sizes
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -1,0 +1,89 @@
+"""Ingest benchmark: images/s per CPU core that Ray Data delivers vs bare PIL decode + resize.
+
+    .ci/venv python benchmarks/ingest.py [--images 1200] [--out benchmarks/results/ingest.json]
+
+Both sides decode the same prepared Parquet shards (local object-storage folder) and resize to the
+model's input size with CLIP normalisation. Bare: one process, one core, a plain loop. Ray Data:
+read_parquet -> map_batches over every core of a local Ray; its rate is divided by the cores it used.
+Target: Ray Data per core >= 0.7 x bare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+
+
+def bare_rate(files: list[str], size: int) -> tuple[float, int]:
+    from harma.data.transforms import decode_image, eval_transform
+
+    t0 = time.perf_counter()
+    n = 0
+    for f in files:
+        for data in pq.read_table(f, columns=["image"]).column("image").to_pylist():
+            eval_transform(decode_image(data), size)
+            n += 1
+    return n / (time.perf_counter() - t0), n
+
+
+def decode_resize(batch: dict, size: int) -> dict:
+    from harma.data.transforms import decode_image, eval_transform
+
+    return {"pixels": np.stack([eval_transform(decode_image(bytes(d)), size) for d in batch["image"]])}
+
+
+def ray_rate(files: list[str], size: int, cores: int) -> tuple[float, int]:
+    import ray
+
+    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        ds = ray.data.read_parquet(files, columns=["image"]).map_batches(
+            decode_resize, fn_kwargs={"size": size}, batch_size=64, batch_format="numpy")
+        ds.materialize()  # warm-up: worker processes started and imports done
+        t0 = time.perf_counter()
+        n = sum(len(b["pixels"]) for b in ds.iter_batches(batch_size=256, batch_format="numpy",
+                                                            prefetch_batches=4))
+        return n / (time.perf_counter() - t0), n
+    finally:
+        ray.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--images", type=int, default=1200)
+    parser.add_argument("--size", type=int, default=224, help="output size (224 = ViT-B-32 input)")
+    parser.add_argument("--out", default="benchmarks/results/ingest.json")
+    args = parser.parse_args()
+    from harma.data.prepare import prepare_dataset
+    from harma.data.synth import synthesize
+    from harma.storage import list_files
+
+    cores = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as tmp:
+        synthesize(f"{tmp}/raw", args.images, seed=0, image_size=256)
+        prepare_dataset(f"{tmp}/raw", f"{tmp}/store", ["train"], shard_images=128)
+        files = list_files(f"{tmp}/store/train", ".parquet")
+        bare, n_bare = bare_rate(files, args.size)
+        ray_total, n_ray = ray_rate(files, args.size, cores)
+    per_core = ray_total / cores
+    result = {"images": n_bare, "size": args.size, "cores": cores, "bare_images_per_s_1core": bare,
+              "ray_data_images_per_s": ray_total, "ray_data_images_per_s_per_core": per_core,
+              "ratio_per_core": per_core / bare, "target": 0.7}
+    print(f"{'':<28}{'images/s':>12}{'per core':>12}")
+    print(f"{'bare PIL (1 core)':<28}{bare:>12.1f}{bare:>12.1f}")
+    print(f"{'Ray Data (' + str(cores) + ' cores)':<28}{ray_total:>12.1f}{per_core:>12.1f}")
+    print(f"ratio per core: {per_core / bare:.2f} (target >= 0.7)")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Ray Data: stream prepared shards from object storage to Ray Train workers.
+
+    ds = build_train_dataset(cfg.data, arch_name, image_size, seed)
+    TorchTrainer(..., datasets={"train": ds})   # workers: ray.train.get_dataset_shard("train")
+
+Reading, decoding, augmentation and tokenisation all run in Ray Data tasks with fractional CPU
+requests (so they never starve next to the Train workers on a small machine); nothing is copied
+to local disk. Each image row becomes one row per caption, each with its own augmentation draw.
+Block order is randomised on every pass (every epoch re-executes the pipeline), and the workers
+add a local shuffle buffer. An undecodable image becomes one row with `image_id == -1` and its key
+in `bad_key`, which the worker counts, names in the run report and drops.
+"""
+
+from __future__ import annotations
+
+import random
+from functools import lru_cache
+
+import numpy as np
+
+import ray
+from harma import storage
+from harma.config import AugmentConfig, DataConfig
+from harma.data.prepared import split_files
+from harma.data.transforms import decode_image, tokenize, train_transform
+
+READ_CPUS = 0.25
+MAP_CPUS = 0.5
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(arch: str):
+    from harma.model.backbone import build_tokenizer
+
+    return build_tokenizer(arch)
+
+
+def pairs_from_images(
+    batch: dict[str, np.ndarray], arch: str, size: int, augment: dict, max_words: int
+) -> dict[str, np.ndarray]:
+    """Map function: image rows -> one augmented (pixels, tokens, image_id) row per caption."""
+    cfg = AugmentConfig.model_validate(augment)
+    rng = random.Random()
+    pixels, captions, ids, bad = [], [], [], []
+    for data, key, image_id, caps in zip(batch["image"], batch["image_key"], batch["image_id"],
+                                         batch["captions"], strict=True):
+        try:
+            img = decode_image(bytes(data))
+        except (OSError, ValueError):
+            pixels.append(np.zeros((3, size, size), np.float32))
+            captions.append("")
+            ids.append(-1)
+            bad.append(str(key))
+            continue
+        for caption in list(caps):
+            pixels.append(train_transform(img, size, cfg, rng))
+            captions.append(str(caption))
+            ids.append(int(image_id))
+            bad.append("")
+    tokens = tokenize(captions, _tokenizer(arch), max_words)
+    return {"pixels": np.stack(pixels), "tokens": tokens, "image_id": np.array(ids, np.int64),
+            "bad_key": np.array(bad, dtype=object)}
+
+
+def build_train_dataset(data: DataConfig, arch: str, image_size: int) -> ray.data.Dataset:
+    """The training stream of `data.prepared_uri`'s train split."""
+    files = split_files(data.prepared_uri, data.train_split)
+    fs, _ = storage.resolve(files[0])
+    paths = [storage.resolve(f)[1] for f in files]
+    ds = ray.data.read_parquet(paths, filesystem=fs, num_cpus=READ_CPUS,
+                               columns=["image", "image_key", "image_id", "captions"])
+    ds = ds.randomize_block_order()
+    return ds.map_batches(
+        pairs_from_images,
+        fn_kwargs={"arch": arch, "size": image_size, "augment": data.augment.model_dump(),
+                   "max_words": data.max_words},
+        batch_size=16,
+        batch_format="numpy",
+        num_cpus=MAP_CPUS,
+    )

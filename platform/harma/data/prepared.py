@@ -1,0 +1,55 @@
+"""Read prepared Parquet shards without Ray: small eval splits into memory, counts, the report."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from harma import storage
+from harma.data.local import Split
+from harma.data.transforms import decode_image
+
+
+def split_files(prepared_uri: str, split: str) -> list[str]:
+    files = storage.list_files(storage.join(prepared_uri, split), ".parquet")
+    if not files:
+        raise storage.StorageError(
+            f"{storage.join(prepared_uri, split)}: no Parquet shards (run `harma data prepare`)")
+    return files
+
+
+def read_report(prepared_uri: str) -> dict:
+    uri = storage.join(prepared_uri, "prepare_report.json")
+    return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else {}
+
+
+def count_captions(prepared_uri: str, split: str) -> int:
+    """Training pairs of a split (one per caption), from the shards' captions column."""
+    total = 0
+    for uri in split_files(prepared_uri, split):
+        table = pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=["captions"])
+        total += sum(len(c) for c in table.column("captions").to_pylist())
+    return total
+
+
+def load_prepared_split(prepared_uri: str, split: str) -> Split:
+    """A whole (small) split in memory, decoded, in shard order: for validation and test."""
+    images, captions, caption_image, ids, bad = [], [], [], [], []
+    for uri in split_files(prepared_uri, split):
+        table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+        for row in table.to_pylist():
+            try:
+                images.append(decode_image(row["image"]))
+            except (OSError, ValueError):
+                bad.append(row["image_key"])
+                continue
+            ids.append(row["image_id"])
+            captions.extend(row["captions"])
+            caption_image.extend([len(images) - 1] * len(row["captions"]))
+    if bad:
+        raise ValueError(f"{len(bad)} undecodable image(s) in {split}: {', '.join(bad[:10])}")
+    return Split(split, images, captions, np.array(caption_image, dtype=np.int64),
+                 np.array(ids, dtype=np.int64))

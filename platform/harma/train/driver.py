@@ -1,0 +1,216 @@
+"""`harma train`: Ray Data -> Ray Train workers running the DeepSpeed-wrapped HarMA model.
+
+    harma train --config jobs/train_synth.yaml [overrides]
+
+`fit(cfg)` is the one function the CLI, a Ray Job and (later) a Tune trial call. It checks storage
+before any worker starts, streams `data.prepared_uri`'s train split through Ray Data into
+`train.workers` workers (a fixed count or an elastic `min..max` range), restarts from the last
+checkpoint when a worker or node fails (`train.workers.max_failures`), and resumes a run of the
+same name in the same `run.output_dir`. The best checkpoint is chosen on val; the final test
+report uses it. The run folder `<output_dir>/<name>/` holds Ray's checkpoints and our `report/`
+(metrics.json, history.jsonl, training.png).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray.train
+from ray.train.torch import TorchTrainer
+
+import ray
+from harma import storage
+from harma.config import PlatformConfig
+from harma.data.datasets import build_train_dataset
+from harma.data.local import eval_arrays
+from harma.data.prepared import count_captions, load_prepared_split, read_report
+from harma.eval import format_table
+from harma.model.backbone import arch_info, build_tokenizer
+from harma.model.checkpoint import load_checkpoint
+from harma.train.evaluate import evaluate_arrays
+from harma.train.loop import train_worker
+
+log = logging.getLogger(__name__)
+
+
+class PreflightError(ValueError):
+    """The run cannot start: storage unusable, data missing or too many bad images."""
+
+
+@dataclass
+class FitResult:
+    run_dir: str
+    best_checkpoint: str
+    best_val: dict[str, float]
+    test: dict[str, float]
+    steps: int
+    world_size: int
+    nodes: list[str]
+    restarts: list[dict]
+    bad_images: list[str]
+    seconds: float
+    report_dir: str
+    loop_seconds: float = 0.0  # rank 0's time in the step loop (data waits included), this attempt
+    pairs_per_worker: int = 0
+
+
+_FORWARDED_ENV = ("AWS_ENDPOINT_URL", "HARMA_S3_ENDPOINT", "AWS_REGION", "AWS_DEFAULT_REGION",
+                  "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                  "AWS_EC2_METADATA_DISABLED", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR")
+
+
+def worker_env() -> dict[str, str]:
+    """The driver's storage and DeepSpeed settings, for worker processes (values never logged)."""
+    return {key: os.environ[key] for key in _FORWARDED_ENV if os.environ.get(key)}
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Connect to the cluster in RAY_ADDRESS, or start a local one sized so Data and Train fit."""
+    if ray.is_initialized():
+        return
+    env = {"env_vars": worker_env()}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env=env, log_to_driver=True)
+    else:
+        # Logical CPUs above the core count: Train workers and Data tasks use fractions of them.
+        ray.init(num_cpus=num_cpus or max(4, 2 * (os.cpu_count() or 2)), runtime_env=env,
+                 log_to_driver=True)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def _storage_args(uri: str) -> tuple[str, Any]:
+    fs, path = storage.resolve(uri)
+    return (path, fs) if storage.is_s3(uri) else (path, None)
+
+
+def preflight(cfg: PlatformConfig) -> tuple[int, int]:
+    """Check storage and data before any worker starts; returns (images, pairs) of the train split."""
+    if not cfg.data.prepared_uri:
+        raise PreflightError("data.prepared_uri is not set: run `harma data prepare` and point it there")
+    for uri, write in ((cfg.data.prepared_uri, False), (cfg.run.output_dir, True)):
+        try:
+            storage.preflight(uri, write=write)
+        except storage.StorageError as err:
+            raise PreflightError(str(err)) from None
+    report = read_report(cfg.data.prepared_uri).get("splits", {}).get(cfg.data.train_split, {})
+    images = report.get("images")
+    unusable = len(report.get("missing", [])) + len(report.get("undecodable", []))
+    if images is not None and unusable / max(1, images + unusable) > cfg.data.max_bad_fraction:
+        listed = (report.get("missing", []) + report.get("undecodable", []))[:5]
+        raise PreflightError(f"{unusable} of {images + unusable} train images are unusable "
+                             f"(data.max_bad_fraction={cfg.data.max_bad_fraction}); e.g. {listed}")
+    pairs = report.get("captions") or count_captions(cfg.data.prepared_uri, cfg.data.train_split)
+    return images or pairs // 5, pairs
+
+
+def plan_steps(cfg: PlatformConfig, pairs: int) -> tuple[int, int]:
+    """(total optimizer steps, epochs) for `pairs` training pairs and the global batch."""
+    per_epoch = pairs // cfg.train.batch_size
+    if per_epoch < 1:
+        raise PreflightError(f"{pairs} training pairs are fewer than train.batch_size {cfg.train.batch_size}")
+    if cfg.train.epochs:
+        return per_epoch * cfg.train.epochs, cfg.train.epochs
+    return cfg.train.steps, math.ceil(cfg.train.steps / per_epoch)
+
+
+def fit(cfg: PlatformConfig) -> FitResult:
+    """Train with Ray Train + DeepSpeed; resume the run of the same name if it exists."""
+    t0 = time.perf_counter()
+    images, pairs = preflight(cfg)
+    total_steps, epochs = plan_steps(cfg, pairs)
+    ensure_ray()
+    arch = arch_info(cfg.model.backbone.arch)
+    run_dir = storage.join(cfg.run.output_dir, cfg.run.name)
+    workers = cfg.train.workers
+    num_workers: int | tuple[int, int] = workers.max if workers.min == workers.max else (workers.min, workers.max)
+    storage_path, storage_fs = _storage_args(cfg.run.output_dir)
+    log.info("training %s: %d pairs, %d epochs, %d steps, global batch %d, workers %s, ZeRO %d",
+             cfg.run.name, pairs, epochs, total_steps, cfg.train.batch_size, num_workers,
+             cfg.train.deepspeed.zero_stage)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": cfg.to_dict(), "total_steps": total_steps, "epochs": epochs,
+                           "images": images, "run_dir": run_dir},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers, use_gpu=workers.use_gpu,
+            resources_per_worker={"CPU": workers.cpus_per_worker},
+            elastic_resize_monitor_interval_s=workers.resize_interval_s),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
+            worker_runtime_env={"env_vars": worker_env()},
+            failure_config=ray.train.FailureConfig(max_failures=workers.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=None, checkpoint_score_attribute="val_mr", checkpoint_score_order="max")),
+        datasets={"train": build_train_dataset(cfg.data, arch.name, arch.image_size)},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    summary = result.return_value or {}
+    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_mr", -1))
+    best_uri = f"s3://{best_ckpt.path}" if storage.is_s3(cfg.run.output_dir) else best_ckpt.path
+    test = evaluate_checkpoint(best_uri, cfg.data.prepared_uri, cfg.data.test_split)
+    final_meta = json.loads(storage.read_bytes(storage.join(
+        f"s3://{result.checkpoint.path}" if storage.is_s3(cfg.run.output_dir) else result.checkpoint.path,
+        "metrics.json")))
+    fit_result = FitResult(
+        run_dir=run_dir, best_checkpoint=best_uri,
+        best_val={k[4:]: v for k, v in best_metrics.items() if k.startswith("val_")},
+        test=test, steps=summary.get("steps", final_meta.get("step", 0)),
+        world_size=summary.get("world_size", final_meta.get("world_size", 0)),
+        nodes=summary.get("nodes", []),
+        restarts=final_meta.get("restarts", []), bad_images=sorted(set(final_meta.get("bad_images", []))),
+        seconds=time.perf_counter() - t0, report_dir=storage.join(run_dir, "report"),
+        loop_seconds=summary.get("loop_seconds", 0.0), pairs_per_worker=summary.get("pairs_per_worker", 0))
+    write_run_report(fit_result, final_meta["history"], cfg)
+    return fit_result
+
+
+def evaluate_checkpoint(checkpoint_uri: str, prepared_uri: str, split: str) -> dict[str, float]:
+    model, cfg = load_checkpoint(checkpoint_uri)
+    data = load_prepared_split(prepared_uri, split)
+    images, tokens = eval_arrays(data, model.arch.image_size, build_tokenizer(model.arch.name),
+                                 cfg.data.max_words)
+    return evaluate_arrays(model, images, tokens, data.caption_image, cfg.train.eval_batch_size)
+
+
+def write_run_report(result: FitResult, history: list[dict], cfg: PlatformConfig) -> None:
+    """report/metrics.json, history.jsonl and training.png (loss and val mR over steps)."""
+    body = {k: v for k, v in result.__dict__.items()}
+    body["config"] = cfg.to_dict()
+    storage.write_bytes(storage.join(result.report_dir, "metrics.json"), json.dumps(body, indent=1).encode())
+    storage.write_bytes(storage.join(result.report_dir, "history.jsonl"),
+                        "".join(json.dumps(r) + "\n" for r in history).encode())
+    storage.write_bytes(storage.join(result.report_dir, "training.png"), plot_history(history, cfg.run.name))
+    storage.write_bytes(storage.join(result.report_dir, "table.txt"),
+                        (format_table({"best val": result.best_val, "test": result.test}) + "\n").encode())
+
+
+def plot_history(history: list[dict], title: str) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    rows = [r for r in history if "loss" in r]
+    axes[0].plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    axes[0].set_xlabel("step")
+    axes[0].set_ylabel("training loss")
+    rows = [r for r in history if "val_mr" in r]
+    axes[1].plot([r["step"] for r in rows], [r["val_mr"] for r in rows], marker="o")
+    axes[1].set_xlabel("step")
+    axes[1].set_ylabel("val mR (%)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()

@@ -1,0 +1,191 @@
+"""The Ray Train worker: `train_worker(loop_config)` runs on every worker of `harma train`.
+
+One linear function, split by section comments: config -> model -> DeepSpeed -> resume -> epochs of
+`train_step` on this worker's shard of the Ray Data stream -> validation on rank 0 -> checkpoint and
+report on every rank. A checkpoint holds `adapter.safetensors`, `config.yaml`, `metrics.json` and
+`trainer_state.safetensors` (fp32 weights, Adam moments and step of the trainable parameters, gathered
+into one world-size-independent copy), so a run written by N workers resumes on M workers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+
+import numpy as np
+import ray.train
+import torch
+from safetensors.torch import load_file, save_file
+
+import ray
+from harma import storage
+from harma.config import PlatformConfig
+from harma.data.local import eval_arrays
+from harma.data.prepared import load_prepared_split
+from harma.model.backbone import build_tokenizer
+from harma.model.checkpoint import save_checkpoint
+from harma.model.harma import build_model
+from harma.train.engine import DeepSpeedEngine, deepspeed_config, prepare_deepspeed_env
+from harma.train.evaluate import evaluate_arrays
+from harma.train.optim import param_groups
+from harma.train.step import train_step
+
+log = logging.getLogger(__name__)
+STATE_FILE = "trainer_state.safetensors"
+PROGRESS_FILE = "progress.json"
+
+
+def _to_torch(batch: dict[str, np.ndarray]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    keep = batch["image_id"] >= 0
+    bad = [str(k) for k in batch["bad_key"][~keep]]
+    return {
+        "image": torch.from_numpy(np.ascontiguousarray(batch["pixels"][keep])),
+        "tokens": torch.from_numpy(np.ascontiguousarray(batch["tokens"][keep])),
+        "image_id": torch.from_numpy(batch["image_id"][keep]),
+    }, bad
+
+
+def train_worker(loop_config: dict) -> dict:
+    """Per-worker training function (Ray Train). Returns rank 0's summary."""
+    # --- config and context ------------------------------------------------------------------
+    cfg = PlatformConfig.model_validate(loop_config["config"])
+    total_steps: int = loop_config["total_steps"]
+    epochs: int = loop_config["epochs"]
+    images_total: int = loop_config["images"]
+    run_dir: str = loop_config["run_dir"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    use_gpu = cfg.train.workers.use_gpu
+    prepare_deepspeed_env(use_gpu, cfg.train.deepspeed.shm_comm_op)
+    import deepspeed
+
+    # --- model and DeepSpeed -------------------------------------------------------------------
+    precision = cfg.model.backbone.precision
+    fp32_model_cfg = cfg.model.model_copy(update={"backbone": cfg.model.backbone.model_copy(
+        update={"precision": "fp32" if use_gpu or precision == "fp32" else precision})})
+    model = build_model(fp32_model_cfg, seed=cfg.run.seed)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.train.optimizer), lr=cfg.train.optimizer.lr,
+                                  betas=cfg.train.optimizer.betas, eps=cfg.train.optimizer.eps)
+    ds_config = deepspeed_config(cfg.train, world, use_gpu, precision)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                      dist_init_required=False)
+    trainer = DeepSpeedEngine(engine, model, total_steps, cfg.train.schedule, cfg.train.optimizer.lr)
+    device = engine.device
+    nodes: list = [None] * world
+    torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    micro_batch = ds_config["train_micro_batch_size_per_gpu"]
+
+    # --- resume --------------------------------------------------------------------------------
+    history: list[dict] = []
+    bad_images: list[str] = []
+    restarts: list[dict] = []
+    start_epoch, best_val = 0, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            trainer.restore_state(load_file(os.path.join(d, STATE_FILE)))
+            saved = json.loads(open(os.path.join(d, "metrics.json")).read())
+        start_epoch = saved["epoch"]
+        history, bad_images, restarts = saved["history"], saved["bad_images"], saved["restarts"]
+        best_val = saved.get("best_val")
+        reached = _read_progress(run_dir)
+        redone = max(0, reached - trainer.global_step)
+        restarts.append({"resumed_at_step": trainer.global_step, "steps_redone": redone,
+                         "world_size": world})
+        if rank == 0:
+            print(f"[harma] resumed at step {trainer.global_step} (epoch {start_epoch}) on {world} "
+                  f"worker(s); {redone} step(s) will be redone", flush=True)
+
+    # --- validation data (rank 0 evaluates; ZeRO <= 2 keeps full weights on every rank) --------
+    val = None
+    if rank == 0:
+        val_split = load_prepared_split(cfg.data.prepared_uri, cfg.data.val_split)
+        val = (*eval_arrays(val_split, model.arch.image_size, build_tokenizer(model.arch.name),
+                            cfg.data.max_words), val_split.caption_image)
+
+    # --- epochs --------------------------------------------------------------------------------
+    shard = ray.train.get_dataset_shard("train")
+    t_start, steps_at_start = time.perf_counter(), trainer.global_step
+    loop_seconds, pairs_seen = 0.0, 0
+    for epoch in range(start_epoch, epochs):
+        last: dict = {}
+        t_epoch = time.perf_counter()
+        for batch in shard.iter_batches(batch_size=micro_batch, drop_last=True, batch_format="numpy",
+                                        local_shuffle_buffer_size=4 * micro_batch, prefetch_batches=2):
+            if trainer.global_step >= total_steps:
+                break
+            tensors, bad = _to_torch(batch)
+            if bad:
+                bad_images.extend(bad)
+                _check_bad_fraction(bad_images, images_total, cfg.data.max_bad_fraction)
+            if len(tensors["image_id"]) == 0:
+                raise ValueError("a whole training batch was unusable images; see the run report")
+            tensors = {k: v.to(device) for k, v in tensors.items()}
+            last = train_step(trainer, tensors, cfg.train.loss)
+            pairs_seen += len(tensors["image_id"])
+            history.append({"step": trainer.global_step, "epoch": epoch, **last})
+            if rank == 0 and (trainer.global_step % cfg.train.log_every == 0):
+                _log_progress(trainer.global_step, total_steps, last, t_start, steps_at_start)
+                _write_progress(run_dir, trainer.global_step)
+
+        loop_seconds += time.perf_counter() - t_epoch
+
+        # --- validate, checkpoint, report (every rank reports: it is a barrier) ----------------
+        metrics = {"epoch": epoch + 1, "step": trainer.global_step, "loss": last.get("loss", float("nan"))}
+        if rank == 0:
+            scores = evaluate_arrays(model, *val, batch_size=cfg.train.eval_batch_size)
+            metrics.update({f"val_{k}": v for k, v in scores.items()})
+            if best_val is None or scores["mr"] > best_val["mr"]:
+                best_val = {**scores, "step": trainer.global_step}
+            history.append({"step": trainer.global_step, "epoch": epoch + 1,
+                            **{f"val_{k}": v for k, v in scores.items()}})
+            print(f"[harma] epoch {epoch + 1}/{epochs} step {trainer.global_step}: val mR "
+                  f"{scores['mr']:.2f} (best {best_val['mr']:.2f})", flush=True)
+        state = trainer.gather_state()  # collective
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                save_file(state, os.path.join(tmp, STATE_FILE))
+                save_checkpoint(tmp, model, cfg, {
+                    **metrics, "history": history, "bad_images": bad_images, "restarts": restarts,
+                    "best_val": best_val, "world_size": world})
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics if rank == 0 else {}, checkpoint=ckpt)
+        if trainer.global_step >= total_steps:
+            break
+    return {"steps": trainer.global_step, "best_val": best_val, "bad_images": bad_images,
+            "restarts": restarts, "world_size": world, "nodes": nodes,
+            "loop_seconds": loop_seconds, "pairs_per_worker": pairs_seen}
+
+
+def _check_bad_fraction(bad: list[str], total_images: int, limit: float) -> None:
+    # Each epoch meets every bad image again; count distinct ones.
+    if len(set(bad)) / max(1, total_images) > limit:
+        raise ValueError(f"{len(bad)} unusable images (more than data.max_bad_fraction={limit}); "
+                         f"first: {', '.join(bad[:5])}")
+
+
+def _log_progress(step: int, total: int, metrics: dict, t_start: float, first: int) -> None:
+    elapsed = time.perf_counter() - t_start
+    rate = (step - first) / elapsed if elapsed > 0 else 0.0
+    eta = (total - step) / rate if rate > 0 else 0.0
+    print(f"[harma] step {step}/{total}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
+          f"{rate:.2f} steps/s  ETA {int(eta) // 60}:{int(eta) % 60:02d}", flush=True)
+
+
+def _write_progress(run_dir: str, step: int) -> None:
+    try:
+        storage.write_bytes(storage.join(run_dir, PROGRESS_FILE), json.dumps({"step": step}).encode())
+    except storage.StorageError as err:  # progress is advisory; never fail training for it
+        log.warning("could not record progress: %s", err)
+
+
+def _read_progress(run_dir: str) -> int:
+    uri = storage.join(run_dir, PROGRESS_FILE)
+    try:
+        return int(json.loads(storage.read_bytes(uri))["step"]) if storage.exists(uri) else 0
+    except (storage.StorageError, ValueError, KeyError):
+        return 0

@@ -1,0 +1,103 @@
+"""harma train end to end: Ray Data -> Ray Train + DeepSpeed, checkpoints, resume, failures."""
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from harma.config import PlatformConfig
+from harma.data.prepare import prepare_dataset
+from harma.model.checkpoint import load_checkpoint
+from harma.train.driver import PreflightError, fit
+
+
+def _cfg(tiny_model_config, prepared, out, name, **overrides) -> PlatformConfig:
+    base = PlatformConfig(model=tiny_model_config).with_overrides({
+        "run.name": name, "run.output_dir": str(out), "data.prepared_uri": str(prepared),
+        "train.batch_size": 16, "train.log_every": 2, "train.optimizer.lr": 5e-3,
+        "train.workers.min": 2, "train.workers.max": 2, "train.workers.cpus_per_worker": 1,
+    })
+    return base.with_overrides(overrides)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, synth_root):
+    out = tmp_path_factory.mktemp("prepared")
+    prepare_dataset(synth_root, str(out), ["train", "val", "test"])
+    return out
+
+
+def test_s3_prepare_train_checkpoint_and_resume_on_fewer_workers(ray_cluster, s3_server, synth_root,
+                                                                  tiny_model_config):
+    s3_server.create_bucket("rs-data")
+    s3_server.create_bucket("rs-runs")
+    prepare_dataset(synth_root, "s3://rs-data/synth", ["train", "val", "test"])
+    cfg = _cfg(tiny_model_config, "s3://rs-data/synth", "s3://rs-runs/runs", "s3-run",
+               **{"train.epochs": 1})
+    first = fit(cfg)  # 140 pairs / 16 = 8 steps on 2 workers
+    assert first.steps == 8 and first.world_size == 2
+    assert first.best_checkpoint.startswith("s3://rs-runs/runs/s3-run/checkpoint_")
+    model, saved_cfg = load_checkpoint(first.best_checkpoint)
+    assert saved_cfg.run.name == "s3-run"
+
+    # Same run name, 1 worker, one more epoch: resumes from the 2-worker checkpoint in S3.
+    second = fit(cfg.with_overrides({"train.epochs": 2, "train.workers.min": 1, "train.workers.max": 1}))
+    assert second.steps == 16 and second.world_size == 1
+    assert second.restarts[-1]["resumed_at_step"] == 8 and second.restarts[-1]["world_size"] == 1
+    assert set(second.test) >= {"i2t_r1", "t2i_r10", "mr"}
+    from harma import storage
+
+    report = json.loads(storage.read_bytes(f"{second.report_dir}/metrics.json"))
+    assert report["steps"] == 16
+    assert storage.read_bytes(f"{second.report_dir}/training.png")[:4] == b"\x89PNG"
+
+
+def _kill_a_worker_when(progress: Path, step: int, killed: list) -> None:
+    deadline = time.time() + 240
+    while time.time() < deadline and not killed:
+        try:
+            reached = json.loads(progress.read_text())["step"]
+        except (OSError, ValueError):
+            reached = 0
+        if reached >= step:
+            for proc in psutil.process_iter(["pid", "cmdline"]):
+                if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
+                    os.kill(proc.info["pid"], 9)
+                    killed.append(proc.info["pid"])
+                    return
+        time.sleep(0.2)
+
+
+def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, prepared, tmp_path, tiny_model_config):
+    cfg = _cfg(tiny_model_config, prepared, tmp_path, "killed", **{"train.epochs": 3})
+    killed: list = []
+    # Kill after the first epoch's checkpoint (step 8) once step 12 is reached.
+    watcher = threading.Thread(target=_kill_a_worker_when,
+                               args=(tmp_path / "killed" / "progress.json", 12, killed), daemon=True)
+    watcher.start()
+    result = fit(cfg)
+    watcher.join(timeout=5)
+    assert killed, "no worker was killed"
+    assert result.steps == 24
+    assert result.restarts and result.restarts[0]["resumed_at_step"] in (8, 16)
+    assert result.restarts[0]["steps_redone"] >= 1
+
+
+def test_bad_fraction_in_the_prepare_report_stops_before_any_worker(ray_cluster, tmp_path, synth_root,
+                                                                      tiny_model_config):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(synth_root, root)
+    (root / "images" / "train" / "train_00001.png").unlink()
+    prepare_dataset(str(root), str(tmp_path / "prep"), ["train", "val", "test"])
+    cfg = _cfg(tiny_model_config, tmp_path / "prep", tmp_path / "runs", "bad",
+               **{"data.max_bad_fraction": 0.0})
+    with pytest.raises(PreflightError, match=r"1 of 28 train images are unusable"):
+        fit(cfg)
+    with pytest.raises(PreflightError, match="no Parquet shards|no such file"):
+        fit(cfg.with_overrides({"data.prepared_uri": str(tmp_path / "nothing")}))

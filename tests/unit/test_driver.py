@@ -1,0 +1,37 @@
+"""The training driver's checks before any worker starts, and its step plan (no Ray started)."""
+
+import pytest
+
+from harma.config import PlatformConfig
+from harma.data.annotations import read_annotations
+from harma.data.synth import synthesize
+from harma.train.driver import PreflightError, plan_steps, preflight
+
+
+def test_plan_steps_from_epochs_or_steps():
+    cfg = PlatformConfig().with_overrides({"train.batch_size": 16, "train.epochs": 3})
+    assert plan_steps(cfg, 140) == (24, 3)  # 140 // 16 = 8 steps per epoch
+    cfg = PlatformConfig().with_overrides({"train.batch_size": 16, "train.steps": 20})
+    assert plan_steps(cfg, 140) == (20, 3)
+    with pytest.raises(PreflightError, match="fewer than train.batch_size"):
+        plan_steps(cfg, 10)
+
+
+def test_preflight_refuses_unusable_s3_before_any_worker(s3_server, monkeypatch):
+    s3_server.create_bucket("preflight-data")
+    cfg = PlatformConfig().with_overrides({"data.prepared_uri": "s3://no-such-bucket/synth",
+                                           "run.output_dir": "s3://preflight-data/runs"})
+    with pytest.raises(PreflightError, match="bucket 'no-such-bucket' does not exist"):
+        preflight(cfg)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "nope")
+    with pytest.raises(PreflightError, match="credentials were rejected"):
+        preflight(cfg.with_overrides({"data.prepared_uri": "s3://preflight-data/synth"}))
+    with pytest.raises(PreflightError, match="data.prepared_uri is not set"):
+        preflight(PlatformConfig())
+
+
+def test_synth_writes_straight_to_s3(s3_server):
+    s3_server.create_bucket("synth-out")
+    synthesize("s3://synth-out/aerial", images=12, seed=1)
+    entries = read_annotations("s3://synth-out/aerial/annotations/val.json")
+    assert len(entries) == 2 and all(len(e.captions) == 5 for e in entries)

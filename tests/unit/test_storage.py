@@ -1,0 +1,51 @@
+"""storage: URIs, atomic local writes, listing, and clear preflight errors against a real S3."""
+
+import socket
+
+import pytest
+
+from harma import storage
+
+
+def test_local_round_trip_and_listing(tmp_path):
+    storage.write_bytes(tmp_path / "a" / "b.bin", b"xyz")
+    assert storage.read_bytes(tmp_path / "a" / "b.bin") == b"xyz"
+    assert storage.list_files(tmp_path, ".bin") == [str(tmp_path / "a" / "b.bin")]
+    assert not list((tmp_path / "a").glob("*.tmp-*"))
+    with pytest.raises(storage.StorageError, match="no such file"):
+        storage.read_bytes(tmp_path / "missing")
+
+
+def test_join():
+    assert storage.join("s3://b/p/", "x", "y.json") == "s3://b/p/x/y.json"
+
+
+def test_preflight_local(tmp_path):
+    storage.preflight(tmp_path)
+    with pytest.raises(storage.StorageError, match="no such file or folder"):
+        storage.preflight(tmp_path / "nope")
+    storage.preflight(tmp_path / "new", write=True)
+    assert (tmp_path / "new").is_dir()
+
+
+def test_preflight_s3_errors(s3_server, monkeypatch):
+    s3_server.create_bucket("present")
+    storage.preflight("s3://present/prefix")
+    with pytest.raises(storage.StorageError, match="bucket 'absent' does not exist"):
+        storage.preflight("s3://absent/prefix")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    with pytest.raises(storage.StorageError, match="credentials were rejected"):
+        storage.preflight("s3://present/prefix")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{dead}")
+    with pytest.raises(storage.StorageError, match=f"cannot reach the S3 endpoint http://127.0.0.1:{dead}"):
+        storage.preflight("s3://present/prefix")
+
+
+def test_secrets_never_appear_in_errors(s3_server, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "super-secret-value")
+    with pytest.raises(storage.StorageError) as err:
+        storage.read_bytes("s3://present/x")
+    assert "super-secret-value" not in str(err.value)
