@@ -41,6 +41,24 @@ def eval_transform(img: Image.Image, size: int) -> np.ndarray:
     return to_array(img.resize((size, size), Image.BICUBIC))
 
 
+def to_uint8(img: Image.Image) -> np.ndarray:
+    """RGB PIL image -> (3, H, W) uint8: 4x smaller than float32 to ship between processes."""
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+def eval_uint8(img: Image.Image, size: int) -> np.ndarray:
+    return to_uint8(img.resize((size, size), Image.BICUBIC))
+
+
+def normalize_pixels(pixels):
+    """(B, 3, H, W) uint8 torch tensor -> float32 CLIP-normalised, on the tensor's device."""
+    import torch
+
+    mean = torch.tensor(CLIP_MEAN, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=pixels.device).view(1, 3, 1, 1)
+    return (pixels.float() / 255.0 - mean) / std
+
+
 def random_resized_crop(img: Image.Image, size: int, scale_min: float, rng: random.Random) -> Image.Image:
     """torchvision's RandomResizedCrop rule (ratio 3/4..4/3, 10 tries, then centre crop)."""
     width, height = img.size
@@ -98,16 +116,21 @@ def random_augment(img: Image.Image, n: int, magnitude: int, rng: random.Random)
     return img
 
 
-def train_transform(img: Image.Image, size: int, cfg: AugmentConfig, rng: random.Random) -> np.ndarray:
-    """Augmented, normalised (3, size, size) float32 array."""
+def augment_image(img: Image.Image, size: int, cfg: AugmentConfig, rng: random.Random) -> Image.Image:
+    """The training augmentation of one image, at the model's size (PIL in, PIL out)."""
     if not cfg.enabled:
-        return eval_transform(img, size)
+        return img.resize((size, size), Image.BICUBIC)
     img = random_resized_crop(img, size, cfg.crop_scale_min, rng)
     if cfg.hflip and rng.random() < 0.5:
         img = ImageOps.mirror(img)
     if cfg.randaug_ops:
         img = random_augment(img, cfg.randaug_ops, cfg.randaug_magnitude, rng)
-    return to_array(img)
+    return img
+
+
+def train_transform(img: Image.Image, size: int, cfg: AugmentConfig, rng: random.Random) -> np.ndarray:
+    """Augmented, normalised (3, size, size) float32 array."""
+    return to_array(augment_image(img, size, cfg, rng))
 
 
 def tokenize(captions: list[str], tokenizer, max_words: int) -> np.ndarray:
