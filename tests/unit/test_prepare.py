@@ -69,7 +69,7 @@ def test_pairs_from_images_expands_captions_and_flags_bad_rows(synth_root):
         "captions": np.array([np.array(["one red ship", "a ship"]), np.array(["x"])], dtype=object),
     }
     out = pairs_from_images(batch, "harma-tiny", 48, {"enabled": True}, 30)
-    assert out["pixels"].shape == (3, 3, 48, 48) and out["pixels"].dtype == np.float32
+    assert out["pixels"].shape == (3, 3, 48, 48) and out["pixels"].dtype == np.uint8
     assert out["tokens"].shape == (3, 32)
     assert out["image_id"].tolist() == [7, 7, -1]
     assert out["bad_key"].tolist() == ["", "", "b.png"]

@@ -61,3 +61,13 @@ def test_tokenize_cleans_then_pads_to_context():
     assert ids.shape == (2, 32)
     assert np.array_equal(ids[0], ids[1])  # cleaning makes them identical
     assert ids[0, 0] == tok.sot_token_id and (ids[0] == tok.eot_token_id).sum() == 1
+
+
+def test_uint8_pixels_normalised_on_the_device_equal_the_float_path():
+    import torch
+
+    from harma.data.transforms import eval_uint8, normalize_pixels
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 96, 3), dtype=np.uint8))
+    via_uint8 = normalize_pixels(torch.from_numpy(eval_uint8(img, 48)[None]))[0].numpy()
+    np.testing.assert_allclose(via_uint8, eval_transform(img, 48), rtol=1e-5, atol=1e-5)

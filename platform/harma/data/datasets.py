@@ -22,7 +22,7 @@ import ray
 from harma import storage
 from harma.config import AugmentConfig, DataConfig
 from harma.data.prepared import split_files
-from harma.data.transforms import decode_image, tokenize, train_transform
+from harma.data.transforms import augment_image, decode_image, to_uint8, tokenize
 
 READ_CPUS = 0.25
 MAP_CPUS = 0.5
@@ -38,7 +38,11 @@ def _tokenizer(arch: str):
 def pairs_from_images(
     batch: dict[str, np.ndarray], arch: str, size: int, augment: dict, max_words: int
 ) -> dict[str, np.ndarray]:
-    """Map function: image rows -> one augmented (pixels, tokens, image_id) row per caption."""
+    """Map function: image rows -> one augmented (pixels, tokens, image_id) row per caption.
+
+    Pixels stay uint8 (3, size, size), 4x smaller than float32 between processes; the worker
+    normalises them on its device (`transforms.normalize_pixels`).
+    """
     cfg = AugmentConfig.model_validate(augment)
     rng = random.Random()
     pixels, captions, ids, bad = [], [], [], []
@@ -47,13 +51,13 @@ def pairs_from_images(
         try:
             img = decode_image(bytes(data))
         except (OSError, ValueError):
-            pixels.append(np.zeros((3, size, size), np.float32))
+            pixels.append(np.zeros((3, size, size), np.uint8))
             captions.append("")
             ids.append(-1)
             bad.append(str(key))
             continue
         for caption in list(caps):
-            pixels.append(train_transform(img, size, cfg, rng))
+            pixels.append(to_uint8(augment_image(img, size, cfg, rng)))
             captions.append(str(caption))
             ids.append(int(image_id))
             bad.append("")

@@ -25,6 +25,7 @@ from harma import storage
 from harma.config import PlatformConfig
 from harma.data.local import eval_arrays
 from harma.data.prepared import load_prepared_split
+from harma.data.transforms import normalize_pixels
 from harma.model.backbone import build_tokenizer
 from harma.model.checkpoint import save_checkpoint
 from harma.model.harma import build_model
@@ -124,6 +125,7 @@ def train_worker(loop_config: dict) -> dict:
             if len(tensors["image_id"]) == 0:
                 raise ValueError("a whole training batch was unusable images; see the run report")
             tensors = {k: v.to(device) for k, v in tensors.items()}
+            tensors["image"] = normalize_pixels(tensors["image"])
             last = train_step(trainer, tensors, cfg.train.loss)
             pairs_seen += len(tensors["image_id"])
             history.append({"step": trainer.global_step, "epoch": epoch, **last})
