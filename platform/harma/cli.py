@@ -108,6 +108,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    _setup_logging()
+    cfg = load_config(args.config, args.overrides)
+    from harma.tune.sweep import format_rows, sweep
+
+    result = sweep(cfg)
+    print()
+    print(format_rows(result.rows))
+    print(f"\nbest: {result.best.trial} (val mR {result.best.val_mr:.2f}, test mR {result.best.test_mr:.2f}); "
+          f"{len(result.rows)} trials, {sum(r.stopped_early for r in result.rows)} stopped early, "
+          f"{result.seconds:.0f} s")
+    print(f"summary: {result.sweep_dir}/summary  best job file: {result.best_config_path}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     _setup_logging()
     from harma import storage
@@ -198,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True)
     train.add_argument("overrides", nargs="*")
     train.set_defaults(func=cmd_train)
+
+    tune = sub.add_parser("tune", help="Ray Tune sweep of tune.search_space with early stopping")
+    tune.add_argument("--config", required=True)
+    tune.add_argument("overrides", nargs="*")
+    tune.set_defaults(func=cmd_tune)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on a split")
     ev.add_argument("--checkpoint", required=True, help="checkpoint folder or s3:// prefix")

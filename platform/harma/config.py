@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -137,6 +138,11 @@ class DataConfig(_Section):
     max_bad_fraction: float = Field(
         0.01, ge=0, le=1, description="Stop when more than this fraction of images is unusable."
     )
+    deterministic: bool = Field(
+        False,
+        description="Ray path: seed block order, shuffle buffer and augmentation from run.seed "
+        "(reproducible runs; an image then gets the same augmentation every epoch).",
+    )
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
@@ -255,6 +261,54 @@ class DemoConfig(_Section):
 
 
 # --------------------------------------------------------------------------------------------
+# tune
+# --------------------------------------------------------------------------------------------
+SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+
+
+class SchedulerConfig(_Section):
+    kind: Literal["asha", "fifo"] = Field("asha", description="asha stops weak trials early.")
+    grace_period: int = Field(1, ge=1, description="Epochs every trial runs before it can be stopped.")
+    reduction_factor: int = Field(2, ge=2)
+
+
+class TuneConfig(_Section):
+    """`harma tune`: a search space over any config path, early stopping on val mR."""
+
+    metric: str = "val_mr"
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = Field(1, ge=1, description="Samples of the space (grids are crossed with it).")
+    max_concurrent_trials: int = Field(1, ge=1)
+    trial_cpus: float = Field(0.01, gt=0, description="CPUs of a trial's driver; workers ask separately.")
+    scheduler: SchedulerConfig = SchedulerConfig()
+    search_space: dict[str, dict[str, list]] = Field(
+        default_factory=dict,
+        description="dotted.path -> {grid|choice: [values]} or {uniform|loguniform|randint: [low, high]}",
+    )
+
+    @field_validator("search_space")
+    @classmethod
+    def _check_space(cls, space: dict[str, dict[str, list]]) -> dict[str, dict[str, list]]:
+        if not space:
+            raise ValueError("search_space is empty")
+        for path, spec in space.items():
+            if path.startswith("tune.") or path in ("run.name", "run.output_dir"):
+                raise ValueError(f"{path}: this path cannot be searched")
+            check_path(path)
+            if len(spec) != 1 or next(iter(spec)) not in SPACE_KINDS:
+                raise ValueError(f"{path}: give exactly one of {', '.join(SPACE_KINDS)}, got {list(spec)}")
+            kind, values = next(iter(spec.items()))
+            if not values:
+                raise ValueError(f"{path}: {kind} needs values")
+            if kind in ("uniform", "loguniform", "randint"):
+                if len(values) != 2 or not values[0] < values[1]:
+                    raise ValueError(f"{path}: {kind} needs [low, high] with low < high, got {values}")
+                if kind == "loguniform" and values[0] <= 0:
+                    raise ValueError(f"{path}: loguniform needs a positive low bound, got {values[0]}")
+        return space
+
+
+# --------------------------------------------------------------------------------------------
 # the whole thing
 # --------------------------------------------------------------------------------------------
 class PlatformConfig(_Section):
@@ -265,6 +319,7 @@ class PlatformConfig(_Section):
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     demo: DemoConfig = DemoConfig()
+    tune: TuneConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML-able dict; `PlatformConfig.model_validate(d) == self`."""
@@ -301,7 +356,11 @@ def _known_children(model: type[BaseModel]) -> dict[str, Any]:
 
 
 def _section_type(annotation: Any) -> type[BaseModel] | None:
-    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    """The section class of a field annotation (`X` or `X | None`), or None for plain values."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
 
 
 def check_path(path: str, model: type[BaseModel] = None) -> None:  # type: ignore[assignment]

@@ -71,6 +71,12 @@ def resolve(uri: str | Path) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().absolute())
 
 
+def absolute(uri: str | Path) -> str:
+    """s3:// URIs unchanged; local paths made absolute (other processes have other working dirs)."""
+    uri = str(uri)
+    return uri if is_s3(uri) else str(Path(uri).expanduser().absolute())
+
+
 def join(base: str | Path, *parts: str) -> str:
     """Join URI parts with '/' for S3 and the OS separator locally."""
     base = str(base)

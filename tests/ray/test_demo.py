@@ -7,9 +7,10 @@ import pytest
 from harma.cli import main
 
 
-def test_demo_end_to_end_small(ray_cluster, tmp_path, capsys):
+def test_demo_end_to_end_small(ray_cluster, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative --out, as README's command uses: workers run elsewhere
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "demo.images=40", "demo.pretrain_images=30",
+    assert main(["demo", "--out", "demo", "demo.images=40", "demo.pretrain_images=30",
                  "demo.pretrain_steps=4", "demo.pretrain_batch_size=16", "train.steps=16",
                  "train.batch_size=16", "train.log_every=4"]) == 0
     printed = capsys.readouterr().out

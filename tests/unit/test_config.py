@@ -91,7 +91,7 @@ def test_every_job_file_validates():
         assert first.startswith("#") and "harma " in first, f"{path} must start with its command"
         load_config(path)
         checked += 1
-    assert checked == 3
+    assert checked == 5
 
 
 def test_demo_job_file_equals_builtin_demo_settings():

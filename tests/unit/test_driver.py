@@ -35,3 +35,19 @@ def test_synth_writes_straight_to_s3(s3_server):
     synthesize("s3://synth-out/aerial", images=12, seed=1)
     entries = read_annotations("s3://synth-out/aerial/annotations/val.json")
     assert len(entries) == 2 and all(len(e.captions) == 5 for e in entries)
+
+
+def test_local_paths_become_absolute_and_missing_weights_stop_early(tmp_path, monkeypatch):
+    from harma.train.driver import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = PlatformConfig().with_overrides({"run.output_dir": "runs", "data.prepared_uri": "store/x",
+                                           "model.backbone.weights_uri": "demo/base.safetensors"})
+    absolute = with_absolute_paths(cfg)
+    assert absolute.run.output_dir == str(tmp_path / "runs")
+    assert absolute.model.backbone.weights_uri == str(tmp_path / "demo" / "base.safetensors")
+    keep = PlatformConfig().with_overrides({"data.prepared_uri": "s3://b/p"})
+    assert with_absolute_paths(keep).data.prepared_uri == "s3://b/p"
+    (tmp_path / "store" / "x").mkdir(parents=True)
+    with pytest.raises(PreflightError, match="weights_uri .*base.safetensors: no such file"):
+        preflight(absolute)

@@ -36,7 +36,8 @@ def _tokenizer(arch: str):
 
 
 def pairs_from_images(
-    batch: dict[str, np.ndarray], arch: str, size: int, augment: dict, max_words: int
+    batch: dict[str, np.ndarray], arch: str, size: int, augment: dict, max_words: int,
+    seed: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Map function: image rows -> one augmented (pixels, tokens, image_id) row per caption.
 
@@ -44,7 +45,8 @@ def pairs_from_images(
     normalises them on its device (`transforms.normalize_pixels`).
     """
     cfg = AugmentConfig.model_validate(augment)
-    rng = random.Random()
+    # Fresh randomness unless seeded; seeded draws depend only on the seed and the images.
+    rng = random.Random(None if seed is None else f"{seed}-{','.join(map(str, batch['image_id']))}")
     pixels, captions, ids, bad = [], [], [], []
     for data, key, image_id, caps in zip(batch["image"], batch["image_key"], batch["image_id"],
                                          batch["captions"], strict=True):
@@ -66,18 +68,18 @@ def pairs_from_images(
             "bad_key": np.array(bad, dtype=object)}
 
 
-def build_train_dataset(data: DataConfig, arch: str, image_size: int) -> ray.data.Dataset:
-    """The training stream of `data.prepared_uri`'s train split."""
+def build_train_dataset(data: DataConfig, arch: str, image_size: int, seed: int = 0) -> ray.data.Dataset:
+    """The training stream of `data.prepared_uri`'s train split (seeded if `data.deterministic`)."""
     files = split_files(data.prepared_uri, data.train_split)
     fs, _ = storage.resolve(files[0])
     paths = [storage.resolve(f)[1] for f in files]
     ds = ray.data.read_parquet(paths, filesystem=fs, num_cpus=READ_CPUS,
                                columns=["image", "image_key", "image_id", "captions"])
-    ds = ds.randomize_block_order()
+    ds = ds.randomize_block_order(seed=seed if data.deterministic else None)
     return ds.map_batches(
         pairs_from_images,
         fn_kwargs={"arch": arch, "size": image_size, "augment": data.augment.model_dump(),
-                   "max_words": data.max_words},
+                   "max_words": data.max_words, "seed": seed if data.deterministic else None},
         batch_size=16,
         batch_format="numpy",
         num_cpus=MAP_CPUS,

@@ -89,6 +89,14 @@ def _storage_args(uri: str) -> tuple[str, Any]:
     return (path, fs) if storage.is_s3(uri) else (path, None)
 
 
+def with_absolute_paths(cfg: PlatformConfig) -> PlatformConfig:
+    """The config with every local path absolute: workers do not share the driver's working dir."""
+    paths = {"run.output_dir": cfg.run.output_dir, "data.root": cfg.data.root,
+             "data.prepared_uri": cfg.data.prepared_uri,
+             "model.backbone.weights_uri": cfg.model.backbone.weights_uri}
+    return cfg.with_overrides({k: storage.absolute(v) for k, v in paths.items() if v})
+
+
 def preflight(cfg: PlatformConfig) -> tuple[int, int]:
     """Check storage and data before any worker starts; returns (images, pairs) of the train split."""
     if not cfg.data.prepared_uri:
@@ -98,6 +106,9 @@ def preflight(cfg: PlatformConfig) -> tuple[int, int]:
             storage.preflight(uri, write=write)
         except storage.StorageError as err:
             raise PreflightError(str(err)) from None
+    weights = cfg.model.backbone.weights_uri
+    if weights and not storage.exists(weights):
+        raise PreflightError(f"model.backbone.weights_uri {weights}: no such file")
     report = read_report(cfg.data.prepared_uri).get("splits", {}).get(cfg.data.train_split, {})
     images = report.get("images")
     unusable = len(report.get("missing", [])) + len(report.get("undecodable", []))
@@ -119,12 +130,21 @@ def plan_steps(cfg: PlatformConfig, pairs: int) -> tuple[int, int]:
     return cfg.train.steps, math.ceil(cfg.train.steps / per_epoch)
 
 
-def fit(cfg: PlatformConfig) -> FitResult:
-    """Train with Ray Train + DeepSpeed; resume the run of the same name if it exists."""
+def fit(cfg: PlatformConfig, callbacks: list | None = None, evaluate_test: bool = True) -> FitResult:
+    """Train with Ray Train + DeepSpeed; resume the run of the same name if it exists.
+
+    Args:
+        cfg: the job's config (needs model, data with prepared_uri, train).
+        callbacks: Ray Train user callbacks (a Tune trial passes `TuneReportCallback`).
+        evaluate_test: score the best-on-val checkpoint on the test split at the end.
+    """
     t0 = time.perf_counter()
+    cfg = with_absolute_paths(cfg)
     images, pairs = preflight(cfg)
     total_steps, epochs = plan_steps(cfg, pairs)
     ensure_ray()
+    if cfg.data.deterministic:  # Train copies the driver's execution options into its ingest
+        ray.data.DataContext.get_current().execution_options.preserve_order = True
     arch = arch_info(cfg.model.backbone.arch)
     run_dir = storage.join(cfg.run.output_dir, cfg.run.name)
     workers = cfg.train.workers
@@ -143,18 +163,18 @@ def fit(cfg: PlatformConfig) -> FitResult:
             elastic_resize_monitor_interval_s=workers.resize_interval_s),
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
-            worker_runtime_env={"env_vars": worker_env()},
+            worker_runtime_env={"env_vars": worker_env()}, callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=workers.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=None, checkpoint_score_attribute="val_mr", checkpoint_score_order="max")),
-        datasets={"train": build_train_dataset(cfg.data, arch.name, arch.image_size)},
+        datasets={"train": build_train_dataset(cfg.data, arch.name, arch.image_size, cfg.run.seed)},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     result = trainer.fit()
     summary = result.return_value or {}
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_mr", -1))
     best_uri = f"s3://{best_ckpt.path}" if storage.is_s3(cfg.run.output_dir) else best_ckpt.path
-    test = evaluate_checkpoint(best_uri, cfg.data.prepared_uri, cfg.data.test_split)
+    test = evaluate_checkpoint(best_uri, cfg.data.prepared_uri, cfg.data.test_split) if evaluate_test else {}
     final_meta = json.loads(storage.read_bytes(storage.join(
         f"s3://{result.checkpoint.path}" if storage.is_s3(cfg.run.output_dir) else result.checkpoint.path,
         "metrics.json")))
@@ -188,7 +208,8 @@ def write_run_report(result: FitResult, history: list[dict], cfg: PlatformConfig
                         "".join(json.dumps(r) + "\n" for r in history).encode())
     storage.write_bytes(storage.join(result.report_dir, "training.png"), plot_history(history, cfg.run.name))
     storage.write_bytes(storage.join(result.report_dir, "table.txt"),
-                        (format_table({"best val": result.best_val, "test": result.test}) + "\n").encode())
+                        (format_table({"best val": result.best_val, **({"test": result.test} if result.test else {})})
+                         + "\n").encode())
 
 
 def plot_history(history: list[dict], title: str) -> bytes:

@@ -115,7 +115,8 @@ def train_worker(loop_config: dict) -> dict:
         last: dict = {}
         t_epoch = time.perf_counter()
         for batch in shard.iter_batches(batch_size=micro_batch, drop_last=True, batch_format="numpy",
-                                        local_shuffle_buffer_size=4 * micro_batch, prefetch_batches=2):
+                                        local_shuffle_buffer_size=4 * micro_batch, prefetch_batches=2,
+                                        local_shuffle_seed=(cfg.run.seed + epoch) if cfg.data.deterministic else None):
             if trainer.global_step >= total_steps:
                 break
             tensors, bad = _to_torch(batch)

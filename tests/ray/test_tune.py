@@ -1,0 +1,109 @@
+"""harma tune: a rank sweep with ASHA early stopping, outputs, and resume after a killed driver."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harma.config import load_config
+from harma.data.prepare import prepare_dataset
+from harma.tune.sweep import sweep
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, synth_root):
+    out = tmp_path_factory.mktemp("prepared-tune")
+    prepare_dataset(synth_root, str(out), ["train", "val", "test"])
+    return out
+
+
+def _sweep_yaml(path: Path, prepared: Path, out: Path, name: str) -> Path:
+    cfg = {
+        "run": {"name": name, "output_dir": str(out), "seed": 0},
+        "model": {"backbone": {"arch": "harma-tiny"},
+                  "adapter": {"heads": 2, "mini_rank": 8, "mini_heads": 2}},
+        "data": {"prepared_uri": str(prepared), "deterministic": True},
+        "train": {"epochs": 3, "batch_size": 16, "log_every": 100, "optimizer": {"lr": 1.0e-2},
+                  "workers": {"min": 1, "max": 1, "cpus_per_worker": 1}},
+        "tune": {"scheduler": {"kind": "asha", "grace_period": 1, "reduction_factor": 2},
+                 "search_space": {"model.adapter.rank": {"grid": [16, 8, 4]}}},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_rank_sweep_stops_a_trial_early_and_writes_its_summary(ray_cluster, prepared, tmp_path):
+    cfg = load_config(_sweep_yaml(tmp_path / "sweep.yaml", prepared, tmp_path / "out", "ranks"))
+    result = sweep(cfg)
+    assert sorted(r.rank for r in result.rows) == [4, 8, 16]
+    assert [r.trial for r in result.rows] == [f"ranks-rank{r.rank}" for r in result.rows]
+    assert any(r.stopped_early for r in result.rows), [(r.trial, r.epochs) for r in result.rows]
+    params = {r.rank: r.trainable_params for r in result.rows}
+    assert params[4] < params[8] < params[16]
+    summary = tmp_path / "out" / "ranks" / "summary"
+    assert "trainable" in (summary / "table.txt").read_text()
+    assert len(json.loads((summary / "table.json").read_text())) == 3
+    assert (summary / "val_mr_vs_params.png").read_bytes()[:4] == b"\x89PNG"
+    best = load_config(summary / "best.yaml")
+    assert best.tune is None and best.model.adapter.rank == result.best.rank
+    assert (summary / "best.yaml").read_text().startswith("# harma train --config")
+
+
+def _kill_processes_of(ray_tmp: str) -> None:
+    """SIGKILL every process of the cluster a killed driver left behind (found by its temp dir)."""
+    import psutil
+
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if any(ray_tmp in part for part in proc.info["cmdline"] or []):
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+
+
+def _checkpoints(trial_dir: Path) -> list[dict]:
+    return sorted((json.loads(p.read_text()) for p in trial_dir.glob("checkpoint_*/metrics.json")),
+                  key=lambda m: m["epoch"])
+
+
+def test_killed_driver_resumes_without_rerunning_finished_trials(prepared, tmp_path):
+    config = _sweep_yaml(tmp_path / "sweep.yaml", prepared, tmp_path / "out", "resume")
+    ray_tmp = tempfile.mkdtemp(prefix="hr-")
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    cmd = [sys.executable, str(Path(__file__).with_name("tune_run.py")), "--config", str(config)]
+    first = tmp_path / "out" / "resume" / "trials" / "resume-rank16"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and proc.poll() is None:
+            if [m["epoch"] for m in _checkpoints(first)][-1:] == [3]:
+                break
+            time.sleep(0.5)
+        assert [m["epoch"] for m in _checkpoints(first)] == [1, 2, 3], "the first trial never finished"
+        time.sleep(8)  # let Tune record the finished trial; the next one is still far from done
+        os.killpg(proc.pid, signal.SIGKILL)  # the sweep's driver dies mid-sweep ...
+        proc.wait()
+    finally:
+        _kill_processes_of(ray_tmp)  # ... and its local cluster with it
+    finished = _checkpoints(first)
+    assert not (tmp_path / "out" / "resume" / "summary").exists()
+
+    ray_tmp = tempfile.mkdtemp(prefix="hr-")
+    try:
+        done = subprocess.run(cmd, env={**env, "RAY_TMPDIR": ray_tmp}, capture_output=True, text=True,
+                              timeout=600)
+    finally:
+        _kill_processes_of(ray_tmp)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "resuming sweep" in done.stdout
+    assert _checkpoints(first) == finished  # the finished trial was not run again
+    rows = json.loads((tmp_path / "out" / "resume" / "summary" / "table.json").read_text())
+    assert sorted(r["rank"] for r in rows) == [4, 8, 16]
