@@ -81,7 +81,6 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         # Logical CPUs above the core count: Train workers and Data tasks use fractions of them.
         ray.init(num_cpus=num_cpus or max(4, 2 * (os.cpu_count() or 2)), runtime_env=env,
                  log_to_driver=True)
-    ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 def _storage_args(uri: str) -> tuple[str, Any]:
@@ -143,6 +142,8 @@ def fit(cfg: PlatformConfig, callbacks: list | None = None, evaluate_test: bool 
     images, pairs = preflight(cfg)
     total_steps, epochs = plan_steps(cfg, pairs)
     ensure_ray()
+    # Our own progress lines say steps/s and ETA; Data's bars only flood the logs (also in Tune trials).
+    ray.data.DataContext.get_current().enable_progress_bars = False
     if cfg.data.deterministic:  # Train copies the driver's execution options into its ingest
         ray.data.DataContext.get_current().execution_options.preserve_order = True
     arch = arch_info(cfg.model.backbone.arch)
