@@ -149,14 +149,9 @@ def run_demo(cfg: PlatformConfig, out: str) -> dict[str, Any]:
 
 def plot_training(report: dict[str, Any], uri: str) -> None:
     """PNG: training loss of both stages, and val mR over adaptation steps."""
-    import io
+    from harma.plots import new_figure, png_bytes
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = new_figure(1, 2, (11, 4))
     for name, key in (("pre-training (full)", "pretrain_history"), ("HarMA adaptation", "adapt_history")):
         rows = [r for r in report[key] if "loss" in r]
         axes[0].plot([r["step"] for r in rows], [r["loss"] for r in rows], label=name)
@@ -172,8 +167,4 @@ def plot_training(report: dict[str, Any], uri: str) -> None:
     axes[1].set_ylabel("mR (%)")
     axes[1].legend()
     fig.suptitle("HarMA demo on the generated aerial dataset")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    storage.write_bytes(uri, buf.getvalue())
+    storage.write_bytes(uri, png_bytes(fig))

@@ -77,6 +77,18 @@ def absolute(uri: str | Path) -> str:
     return uri if is_s3(uri) else str(Path(uri).expanduser().absolute())
 
 
+def ray_storage(uri: str | Path) -> tuple[str, pafs.FileSystem | None]:
+    """(storage_path, storage_filesystem) for Ray Train/Tune run configs: our S3 settings for
+    s3:// URIs, Ray's own default for local folders."""
+    fs, path = resolve(uri)
+    return (path, fs) if is_s3(str(uri)) else (path, None)
+
+
+def from_ray_path(path: str, like: str | Path) -> str:
+    """A path Ray reports (no scheme) as a URI of the same storage as `like`."""
+    return f"s3://{path}" if is_s3(str(like)) else path
+
+
 def join(base: str | Path, *parts: str) -> str:
     """Join URI parts with '/' for S3 and the OS separator locally."""
     base = str(base)

@@ -49,3 +49,12 @@ def test_secrets_never_appear_in_errors(s3_server, monkeypatch):
     with pytest.raises(storage.StorageError) as err:
         storage.read_bytes("s3://present/x")
     assert "super-secret-value" not in str(err.value)
+
+
+def test_ray_storage_and_paths_ray_reports(tmp_path, s3_server):
+    path, fs = storage.ray_storage(tmp_path / "runs")
+    assert path == str(tmp_path / "runs") and fs is None  # Ray's default local filesystem
+    path, fs = storage.ray_storage("s3://bucket/runs")
+    assert path == "bucket/runs" and fs is not None
+    assert storage.from_ray_path("bucket/runs/ckpt", "s3://bucket/runs") == "s3://bucket/runs/ckpt"
+    assert storage.from_ray_path("/abs/runs/ckpt", tmp_path) == "/abs/runs/ckpt"

@@ -19,7 +19,6 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import ray.train
 from ray.train.torch import TorchTrainer
@@ -81,11 +80,6 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         # Logical CPUs above the core count: Train workers and Data tasks use fractions of them.
         ray.init(num_cpus=num_cpus or max(4, 2 * (os.cpu_count() or 2)), runtime_env=env,
                  log_to_driver=True)
-
-
-def _storage_args(uri: str) -> tuple[str, Any]:
-    fs, path = storage.resolve(uri)
-    return (path, fs) if storage.is_s3(uri) else (path, None)
 
 
 def with_absolute_paths(cfg: PlatformConfig) -> PlatformConfig:
@@ -150,7 +144,7 @@ def fit(cfg: PlatformConfig, callbacks: list | None = None, evaluate_test: bool 
     run_dir = storage.join(cfg.run.output_dir, cfg.run.name)
     workers = cfg.train.workers
     num_workers: int | tuple[int, int] = workers.max if workers.min == workers.max else (workers.min, workers.max)
-    storage_path, storage_fs = _storage_args(cfg.run.output_dir)
+    storage_path, storage_fs = storage.ray_storage(cfg.run.output_dir)
     log.info("training %s: %d pairs, %d epochs, %d steps, global batch %d, workers %s, ZeRO %d",
              cfg.run.name, pairs, epochs, total_steps, cfg.train.batch_size, num_workers,
              cfg.train.deepspeed.zero_stage)
@@ -174,10 +168,10 @@ def fit(cfg: PlatformConfig, callbacks: list | None = None, evaluate_test: bool 
     result = trainer.fit()
     summary = result.return_value or {}
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_mr", -1))
-    best_uri = f"s3://{best_ckpt.path}" if storage.is_s3(cfg.run.output_dir) else best_ckpt.path
+    best_uri = storage.from_ray_path(best_ckpt.path, cfg.run.output_dir)
     test = evaluate_checkpoint(best_uri, cfg.data.prepared_uri, cfg.data.test_split) if evaluate_test else {}
     final_meta = json.loads(storage.read_bytes(storage.join(
-        f"s3://{result.checkpoint.path}" if storage.is_s3(cfg.run.output_dir) else result.checkpoint.path,
+        storage.from_ray_path(result.checkpoint.path, cfg.run.output_dir),
         "metrics.json")))
     fit_result = FitResult(
         run_dir=run_dir, best_checkpoint=best_uri,
@@ -214,14 +208,9 @@ def write_run_report(result: FitResult, history: list[dict], cfg: PlatformConfig
 
 
 def plot_history(history: list[dict], title: str) -> bytes:
-    import io
+    from harma.plots import new_figure, png_bytes
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = new_figure(1, 2, (11, 4))
     rows = [r for r in history if "loss" in r]
     axes[0].plot([r["step"] for r in rows], [r["loss"] for r in rows])
     axes[0].set_xlabel("step")
@@ -231,8 +220,4 @@ def plot_history(history: list[dict], title: str) -> bytes:
     axes[1].set_xlabel("step")
     axes[1].set_ylabel("val mR (%)")
     fig.suptitle(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)

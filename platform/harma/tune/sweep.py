@@ -16,7 +16,6 @@ parameters, val mR, test mR of the best-on-val checkpoint, epochs run, time, sto
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time
@@ -94,8 +93,7 @@ def sweep(cfg: PlatformConfig) -> SweepResult:
     ensure_ray()
     sweep_dir = storage.join(cfg.run.output_dir, cfg.run.name)
     trials_dir = storage.join(sweep_dir, "trials")
-    fs, path = storage.resolve(cfg.run.output_dir)
-    fs_arg = fs if storage.is_s3(cfg.run.output_dir) else None
+    path, fs_arg = storage.ray_storage(cfg.run.output_dir)
     tune_cfg = cfg.tune
     trainable = ray.tune.with_resources(
         partial(run_trial, base=cfg.to_dict(), trials_dir=trials_dir), {"cpu": tune_cfg.trial_cpus})
@@ -188,12 +186,9 @@ def write_summary(cfg: PlatformConfig, rows: list[TrialRow], best: TrialRow, swe
 
 
 def _plot(rows: list[TrialRow], title: str) -> bytes:
-    import matplotlib
+    from harma.plots import new_figure, png_bytes
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new_figure(1, 1, (6, 4))
     for r in rows:
         ax.scatter(r.trainable_params, r.val_mr, marker="x" if r.stopped_early else "o",
                    color="grey" if r.stopped_early else "tab:blue")
@@ -202,8 +197,4 @@ def _plot(rows: list[TrialRow], title: str) -> bytes:
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel("best val mR (%)")
     ax.set_title(f"{title}: o finished, x stopped early")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
