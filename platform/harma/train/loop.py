@@ -166,9 +166,10 @@ def train_worker(loop_config: dict) -> dict:
 
 def _check_bad_fraction(bad: list[str], total_images: int, limit: float) -> None:
     # Each epoch meets every bad image again; count distinct ones.
-    if len(set(bad)) / max(1, total_images) > limit:
-        raise ValueError(f"{len(bad)} unusable images (more than data.max_bad_fraction={limit}); "
-                         f"first: {', '.join(bad[:5])}")
+    distinct = list(dict.fromkeys(bad))
+    if len(distinct) / max(1, total_images) > limit:
+        raise ValueError(f"{len(distinct)} unusable images (more than data.max_bad_fraction={limit}); "
+                         f"first: {', '.join(distinct[:5])}")
 
 
 def _log_progress(step: int, total: int, metrics: dict, t_start: float, first: int) -> None:
