@@ -6,6 +6,10 @@
     harma model summary --config FILE [overrides] [--json]   architecture and parameter counts
     harma data synth --out DIR --images N --seed S           generate an aerial dataset
     harma eval --checkpoint URI [--split test] [--data ROOT] [--out FILE]
+    harma index build --config FILE [overrides]              embed a corpus into a retrieval index
+    harma serve serve_configs/FILE.yaml [--address ADDR]     run the Serve app locally (serve run)
+    harma submit jobs/FILE.yaml [overrides] [--address URL] [--no-wait]   a Ray job on a cluster
+    harma jobs list | status ID | logs ID [--follow] | stop ID [--address URL]
 
 Overrides are `dotted.path=value` (e.g. `model.adapter.rank=32`). Every command returns an exit
 code from `main(argv)`; errors print one clear message and exit 2 (bad input) or 1.
@@ -125,6 +129,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     _setup_logging()
+    if args.config:
+        return _eval_job(args)
+    if not args.checkpoint:
+        raise ConfigError("give --checkpoint URI or --config FILE with an eval: section")
     from harma import storage
     from harma.data.local import eval_arrays, load_split
     from harma.eval import format_table
@@ -148,18 +156,126 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_job(args: argparse.Namespace) -> int:
+    """`harma eval --config FILE`: the eval: section against prepared shards (a Ray-free job)."""
+    from harma import storage
+    from harma.eval import format_table
+    from harma.model.checkpoint import read_checkpoint_config
+    from harma.train.driver import evaluate_checkpoint
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.eval is None:
+        raise ConfigError(f"{args.config}: no eval: section (eval.checkpoint_uri, eval.split)")
+    job = cfg.eval
+    prepared = job.prepared_uri or read_checkpoint_config(job.checkpoint_uri).data.prepared_uri
+    if not prepared:
+        raise ConfigError("eval.prepared_uri is not set and the checkpoint's config has no data.prepared_uri")
+    metrics = evaluate_checkpoint(job.checkpoint_uri, prepared, job.split)
+    print(format_table({job.split: metrics}))
+    out = job.out or storage.join(job.checkpoint_uri, f"eval_{job.split}.json")
+    storage.write_bytes(out, json.dumps({"checkpoint": job.checkpoint_uri, "data": prepared, "split": job.split,
+                                         "metrics": metrics}, indent=1).encode())
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_index_build(args: argparse.Namespace) -> int:
+    _setup_logging()
+    cfg = load_config(args.config, args.overrides)
+    if cfg.index is None:
+        raise ConfigError(f"{args.config}: no index: section (index.checkpoint_uri, index.corpus_uri, "
+                          "index.output_uri)")
+    from harma.serve.build import build_index
+    from harma.train.driver import ensure_ray
+
+    ensure_ray()
+    manifest = build_index(cfg.index, progress=logging.getLogger("harma").info)
+    print(f"index {cfg.index.output_uri}: {manifest['images']} images, {manifest['captions']} captions, "
+          f"{len(manifest['skipped'])} skipped, checkpoint {manifest['checkpoint_uri']} "
+          f"(fingerprint {manifest['checkpoint_fingerprint'][:12]})")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Validate a serve config, make its local paths absolute, check each index, then `serve run` it."""
+    import os
+    import subprocess
+    import tempfile
+
+    import yaml
+
+    from harma.serve.configs import HARMA_IMPORT_PATH, load_serve_config, resolve_local_paths
+    from harma.serve.index import check_index_matches, checkpoint_fingerprint, read_manifest
+
+    raw = resolve_local_paths(load_serve_config(args.file))
+    for app in raw["applications"]:
+        if app.get("import_path") == HARMA_IMPORT_PATH:
+            app_args = app["args"]
+            check_index_matches(read_manifest(app_args["index_uri"]), app_args["checkpoint_uri"],
+                                checkpoint_fingerprint(app_args["checkpoint_uri"]))
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="harma-serve-", delete=False) as tmp:
+        yaml.safe_dump(raw, tmp, sort_keys=False)
+    import shutil
+    from pathlib import Path
+
+    beside = Path(sys.executable).parent / "serve"  # the venv's `serve`, even when not on PATH
+    serve_cli = str(beside) if beside.exists() else (shutil.which("serve") or "serve")
+    command = [serve_cli, "run", tmp.name] + (["--address", args.address] if args.address else [])
+    http = raw.get("http_options") or {}
+    print(f"serving {args.file} at http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}/ "
+          "(Ctrl-C stops it)", flush=True)
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        os.unlink(tmp.name)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from harma.jobs import submit
+
+    return submit(args.file, args.overrides, args.address, wait=args.wait, runtime_env_file=args.runtime_env)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from harma import jobs
+
+    if args.action == "list":
+        rows = jobs.list_jobs(args.address)
+        for row in rows:
+            print(f"{row['id']:<48} {row['status']:<10} {row['entrypoint']}")
+        print(f"{len(rows)} job(s)")
+    elif args.action == "status":
+        info = jobs.job_status(args.address, args.id)
+        print(f"{info['id']}: {info['status']}  {info['message'] or ''}\n  {info['entrypoint']}")
+        return 0 if info["status"] in ("SUCCEEDED", "RUNNING", "PENDING") else 1
+    elif args.action == "logs":
+        jobs.job_logs(args.address, args.id, follow=args.follow)
+    elif args.action == "stop":
+        print(f"{args.id}: {'stop requested' if jobs.stop_job(args.address, args.id) else 'already finished'}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     _setup_logging()
     from harma.demo import demo_config, run_demo
     from harma.eval import format_table
 
     cfg = demo_config(args.overrides, args.config)
-    report = run_demo(cfg, args.out)
+    report = run_demo(cfg, args.out, port=args.port, keep_serving=args.serve)
     print()
     print(format_table({"frozen base": report["test_before"], "HarMA-adapted": report["test_after"]}))
     print(f"\ntest mR {report['test_before']['mr']:.2f} -> {report['test_after']['mr']:.2f} "
           f"({report['mr_gain']:+.2f}) with {report['parameters']['trainable_params']:,} trainable "
           f"parameters; wall time {report['wall_seconds']:.0f} s")
+    served = report["serving"]
+    print(f"\nsearch service over {served['images']} test images ({served['index']}):")
+    for query in served["queries"]:
+        top = query["results"][0] if query["results"] else {"id": "-", "score": float("nan")}
+        print(f"  {query['text']!r}: top {top['id']} ({top['score']:.3f}), {query['took_ms']:.1f} ms")
+    print(f"web page: {served['url']} (up while the demo ran; --serve keeps it up; later: "
+          "harma serve serve_configs/local.yaml)")
     print(f"report: {args.out}/report (metrics.json, training.png, table.txt)")
     return 0
 
@@ -173,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the whole method end to end on generated data")
     demo.add_argument("--out", default="harma-demo", help="output folder (default: harma-demo)")
     demo.add_argument("--config", default=None, help="job file (default: built-in demo settings)")
+    demo.add_argument("--port", type=int, default=8000, help="HTTP port of the search service "
+                      "(a free one is taken when it is busy)")
+    demo.add_argument("--serve", action="store_true", help="keep the search service running at the end")
     demo.add_argument("overrides", nargs="*", help="dotted.path=value")
     demo.set_defaults(func=cmd_demo)
 
@@ -220,12 +339,55 @@ def build_parser() -> argparse.ArgumentParser:
     tune.set_defaults(func=cmd_tune)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on a split")
-    ev.add_argument("--checkpoint", required=True, help="checkpoint folder or s3:// prefix")
+    ev.add_argument("--checkpoint", default=None, help="checkpoint folder or s3:// prefix")
+    ev.add_argument("--config", default=None, help="job file with an eval: section (instead of --checkpoint)")
     ev.add_argument("--data", default=None, help="dataset root (default: the checkpoint's data.root)")
     ev.add_argument("--split", default=None, help="split name (default: the config's test split)")
     ev.add_argument("--out", default=None, help="JSON output (default: <checkpoint>/eval_<split>.json)")
+    ev.add_argument("overrides", nargs="*", help="with --config: dotted.path=value")
     ev.set_defaults(func=cmd_eval)
+
+    index = sub.add_parser("index", help="retrieval indexes").add_subparsers(dest="action", required=True)
+    ib = index.add_parser("build", help="embed a corpus with a checkpoint (Ray Data) into an index")
+    ib.add_argument("--config", required=True, help="job file with an index: section")
+    ib.add_argument("overrides", nargs="*")
+    ib.set_defaults(func=cmd_index_build)
+
+    srv = sub.add_parser("serve", help="validate a serve config and run it locally (`serve run`)")
+    srv.add_argument("file", help="serve_configs/FILE.yaml")
+    srv.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
+    srv.set_defaults(func=cmd_serve)
+
+    sm = sub.add_parser("submit", help="validate a job file, submit it as a Ray job, follow its logs")
+    sm.add_argument("file", help="jobs/FILE.yaml")
+    sm.add_argument("overrides", nargs="*")
+    sm.add_argument("--address", default=None, help="dashboard URL (default: RAY_ADDRESS or http://127.0.0.1:8265)")
+    sm.add_argument("--no-wait", dest="wait", action="store_false", help="print the job id and return")
+    sm.add_argument("--runtime-env", default=str(_default_runtime_env()), help="runtime env YAML (default: jobs/runtime_env.yaml)")
+    sm.set_defaults(func=cmd_submit)
+
+    jb = sub.add_parser("jobs", help="Ray jobs on a cluster").add_subparsers(dest="action", required=True)
+    for name in ("list", "status", "logs", "stop"):
+        p = jb.add_parser(name)
+        if name != "list":
+            p.add_argument("id", help="submission id (harma submit prints it)")
+        if name == "logs":
+            p.add_argument("--follow", action="store_true")
+        p.add_argument("--address", default=None)
+        p.set_defaults(func=cmd_jobs)
     return parser
+
+
+def _default_runtime_env():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[2] / "jobs" / "runtime_env.yaml"
+
+
+def _job_error() -> type[Exception]:
+    from harma.jobs import JobError
+
+    return JobError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,6 +397,10 @@ def main(argv: list[str] | None = None) -> int:
         return func(args)
     except ConfigError as err:
         print(f"harma: config error: {err}", file=sys.stderr)
+        return 2
+
+    except _job_error() as err:
+        print(f"harma: {err}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError, OSError) as err:
         print(f"harma: error: {err}", file=sys.stderr)

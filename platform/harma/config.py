@@ -292,7 +292,7 @@ class TuneConfig(_Section):
         if not space:
             raise ValueError("search_space is empty")
         for path, spec in space.items():
-            if path.startswith("tune.") or path in ("run.name", "run.output_dir"):
+            if path.split(".")[0] in ("tune", "index", "eval") or path in ("run.name", "run.output_dir"):
                 raise ValueError(f"{path}: this path cannot be searched")
             check_path(path)
             if len(spec) != 1 or next(iter(spec)) not in SPACE_KINDS:
@@ -309,6 +309,50 @@ class TuneConfig(_Section):
 
 
 # --------------------------------------------------------------------------------------------
+# index
+# --------------------------------------------------------------------------------------------
+class IndexConfig(_Section):
+    """`harma index build`: embed an image corpus (and its captions) with a trained checkpoint."""
+
+    checkpoint_uri: str = Field(description="Trained checkpoint folder or s3:// prefix.")
+    corpus_uri: str = Field(
+        description="Prepared Parquet shards (`harma data prepare --out`) or, with "
+        "corpus_format 'images', a folder/s3:// prefix of image files.")
+    corpus_format: Literal["prepared", "images"] = "prepared"
+    splits: list[str] = Field(
+        default_factory=lambda: ["test"], description="Prepared splits to index (prepared corpus).")
+    output_uri: str = Field(description="Where the index goes (folder or s3:// prefix).")
+    captions: bool = Field(
+        True, description="Also index the corpus captions, for image -> text search (prepared corpus).")
+    image_extensions: list[str] = Field(
+        default_factory=lambda: [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"],
+        description="Files taken from an 'images' corpus.")
+    batch_size: int = Field(64, ge=1, description="Images per inference batch.")
+    thumbnail_size: int = Field(
+        128, ge=0, description="Longest side of the JPEG thumbnails kept in the index for the web "
+        "page (0 = none).")
+    use_gpu: bool = Field(False, description="One GPU per embedding actor.")
+    actors: int = Field(1, ge=1, description="Embedding actors (each loads the model once).")
+    cpus_per_actor: float = Field(1.0, gt=0)
+
+    @field_validator("splits")
+    @classmethod
+    def _some_split(cls, splits: list[str]) -> list[str]:
+        if not splits:
+            raise ValueError("give at least one split")
+        return splits
+
+
+class EvalConfig(_Section):
+    """`harma eval --config`: score a checkpoint on a prepared split (R@1/5/10 both ways, mR)."""
+
+    checkpoint_uri: str = Field(description="Checkpoint folder or s3:// prefix.")
+    prepared_uri: str | None = Field(None, description="Prepared shards (default: the checkpoint's data.prepared_uri).")
+    split: str = "test"
+    out: str | None = Field(None, description="JSON result (default: <checkpoint>/eval_<split>.json).")
+
+
+# --------------------------------------------------------------------------------------------
 # the whole thing
 # --------------------------------------------------------------------------------------------
 class PlatformConfig(_Section):
@@ -320,6 +364,8 @@ class PlatformConfig(_Section):
     train: TrainConfig = TrainConfig()
     demo: DemoConfig = DemoConfig()
     tune: TuneConfig | None = None
+    index: IndexConfig | None = None
+    eval: EvalConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML-able dict; `PlatformConfig.model_validate(d) == self`."""

@@ -11,7 +11,11 @@
    shards into 2 Ray Train workers running the DeepSpeed-wrapped model (gloo, fp32 on CPU),
    validating every epoch and keeping the best checkpoint on val;
 4. evaluates the frozen base and the adapted model on test, prints the table and writes
-   `report/metrics.json` and `report/training.png` (loss and val mR over training).
+   `report/metrics.json` and `report/training.png` (loss and val mR over training);
+5. copies the best checkpoint to `<out>/model`, builds the retrieval index of the test images
+   with Ray Data (`<out>/index`), starts the Ray Serve application on it, sends a few text
+   queries over HTTP, prints their top results and the address of the web page (kept running
+   with `--serve`; `harma serve serve_configs/local.yaml` serves it again later).
 """
 
 from __future__ import annotations
@@ -81,19 +85,100 @@ def _pretrain_config(cfg: PlatformConfig, data_root: str) -> PlatformConfig:
     })
 
 
-def run_demo(cfg: PlatformConfig, out: str) -> dict[str, Any]:
+DEMO_QUERIES = (
+    "three red storage tanks in the center on desert",
+    "a river next to farmland with a road",
+    "planes on a grassland in the top left",
+)
+
+
+def _free_port(preferred: int) -> int:
+    import socket
+
+    for port in (preferred, 0):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+                return sock.getsockname()[1]
+            except OSError:
+                continue
+    raise OSError("no free TCP port")
+
+
+def serve_demo(checkpoint: str, store: str, out: str, port: int, keep_serving: bool) -> dict[str, Any]:
+    """Index the test images, serve them, query over HTTP; returns what was asked and found."""
+    import ray.serve
+    import requests
+
+    import ray
+    from harma.config import IndexConfig
+    from harma.model.checkpoint import copy_checkpoint
+    from harma.serve.app import build_app
+    from harma.serve.build import build_index
+
+    model_uri, index_uri = storage.join(out, "model"), storage.join(out, "index")
+    copy_checkpoint(checkpoint, model_uri)
+    manifest = build_index(IndexConfig(checkpoint_uri=model_uri, corpus_uri=store, splits=["test"],
+                                       output_uri=index_uri), progress=log.info)
+    port = _free_port(port)
+    ray.serve.start(http_options={"host": "127.0.0.1", "port": port})
+    ray.serve.run(build_app({"checkpoint_uri": storage.absolute(model_uri),
+                             "index_uri": storage.absolute(index_uri)}), name="harma", route_prefix="/")
+    url = f"http://127.0.0.1:{port}/"
+    answers = []
+    captions = _captions_by_image(store)
+    for text in DEMO_QUERIES:
+        response = requests.post(url + "v1/text-to-images", json={"text": text, "k": 3}, timeout=60)
+        response.raise_for_status()
+        body = response.json()
+        answers.append({"text": text, "took_ms": body["took_ms"], "results": body["results"]})
+        log.info("query %r (%.1f ms):", text, body["took_ms"])
+        for hit in body["results"]:
+            log.info("   %.3f  %s  \"%s\"", hit["score"], hit["id"], captions.get(hit["id"], "?"))
+    log.info("web page: %s   (API docs: %sdocs)", url, url)
+    if keep_serving:
+        import time as _time
+
+        log.info("serving until Ctrl-C (harma serve serve_configs/local.yaml serves it again later)")
+        try:
+            while True:
+                _time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    ray.serve.shutdown()
+    return {"index": index_uri, "model": model_uri, "images": manifest["images"], "url": url,
+            "queries": answers}
+
+
+def _captions_by_image(store: str) -> dict[str, str]:
+    """First caption of every prepared test image (to print next to a hit)."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    from harma.data.prepared import split_files
+
+    first = {}
+    for uri in split_files(store, "test"):
+        table = pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=["image_key", "captions"])
+        for row in table.to_pylist():
+            first[row["image_key"]] = row["captions"][0]
+    return first
+
+
+def run_demo(cfg: PlatformConfig, out: str, port: int = 8000, keep_serving: bool = False) -> dict[str, Any]:
     """Run the demo into folder `out`; returns the report (also written to out/report)."""
     t_start = time.perf_counter()
     data_root = storage.join(out, "data")
     report_dir = storage.join(out, "report")
 
-    log.info("[1/4] generating the dataset in %s and preparing Parquet shards", data_root)
+    log.info("[1/5] generating the dataset in %s and preparing Parquet shards", data_root)
     manifest = synthesize(data_root, cfg.demo.images, seed=cfg.run.seed,
                           pretrain_images=cfg.demo.pretrain_images, progress=log.info)
     store = storage.join(out, "store", "synth")
     prepare_dataset(data_root, store, ["train", "val", "test"], progress=log.info)
 
-    log.info("[2/4] pre-training the %s backbone in full on %d coarse-caption images (%d steps)",
+    log.info("[2/5] pre-training the %s backbone in full on %d coarse-caption images (%d steps)",
              cfg.model.backbone.arch, cfg.demo.pretrain_images, cfg.demo.pretrain_steps)
     pre_cfg = _pretrain_config(cfg, data_root)
     base = build_model(pre_cfg.model, seed=cfg.run.seed)
@@ -112,18 +197,21 @@ def run_demo(cfg: PlatformConfig, out: str) -> dict[str, Any]:
     tokenizer = build_tokenizer(model.arch.name)
     test_images, test_tokens = eval_arrays(test_split, model.arch.image_size, tokenizer, cfg.data.max_words)
     before = evaluate_arrays(model, test_images, test_tokens, test_split.caption_image)
-    log.info("[3/4] HarMA-adapting the frozen base on %d Ray Train worker(s) under DeepSpeed: %d "
+    log.info("[3/5] HarMA-adapting the frozen base on %d Ray Train worker(s) under DeepSpeed: %d "
              "trainable of %d parameters (%s layout)", adapt_cfg.train.workers.max,
              summary["trainable_params"], summary["total_params"], adapt_cfg.model.adapter.layout)
     adapt = fit(adapt_cfg)
 
-    log.info("[4/4] evaluating on test (best checkpoint on val: step %s)", adapt.best_val.get("step"))
+    log.info("[4/5] evaluating on test (best checkpoint on val: step %s)", adapt.best_val.get("step"))
     best_model, _ = load_checkpoint(adapt.best_checkpoint)
     after = evaluate_arrays(best_model, test_images, test_tokens, test_split.caption_image)
     history = [json.loads(line) for line in storage.read_bytes(
         storage.join(adapt.report_dir, "history.jsonl")).decode().splitlines()]
+    log.info("[5/5] indexing the test images, serving them with Ray Serve, querying over HTTP")
+    served = serve_demo(adapt.best_checkpoint, store, out, port, keep_serving)
     seconds = time.perf_counter() - t_start
     report = {
+        "serving": served,
         "dataset": manifest,
         "parameters": summary,
         "test_before": before,

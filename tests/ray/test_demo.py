@@ -24,3 +24,10 @@ def test_demo_end_to_end_small(ray_cluster, tmp_path, capsys, monkeypatch):
     assert (out / "base.safetensors").is_file()
     assert (out / "store" / "synth" / "train" / "part-00000.parquet").is_file()
     assert (out / "report" / "table.txt").read_text().startswith(" " * 18 + "  I2T R@1")
+    # [5/5] the test images indexed and served; the queries went over HTTP.
+    served = report["serving"]
+    assert served["images"] == 6 and len(served["queries"]) == 3
+    assert all(len(q["results"]) == 3 and q["results"][0]["id"].startswith("test/") for q in served["queries"])
+    assert json.loads((out / "index" / "manifest.json").read_text())["images"] == 6
+    assert (out / "model" / "adapter.safetensors").is_file()
+    assert f"web page: {served['url']}" in printed and "harma serve serve_configs/local.yaml" in printed

@@ -1,5 +1,6 @@
 """The config schema: overrides, errors naming dotted paths, round trips, every job file."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -91,7 +92,7 @@ def test_every_job_file_validates():
         assert first.startswith("#") and "harma " in first, f"{path} must start with its command"
         load_config(path)
         checked += 1
-    assert checked == 5
+    assert checked == 11
 
 
 def test_demo_job_file_equals_builtin_demo_settings():
@@ -119,3 +120,67 @@ def test_global_batch_must_split_over_every_elastic_worker_count():
     with pytest.raises(ConfigError, match="must not exceed max"):
         load_config(None, ["train.workers.min=3", "train.workers.max=2"])
     load_config(None, ["train.batch_size=432", "train.workers.min=2", "train.workers.max=4"])
+
+
+def test_every_serve_config_validates_strictly():
+    from harma.serve.configs import load_serve_config
+
+    files = sorted((REPO / "serve_configs").rglob("*.yaml"))
+    for path in files:
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("#") and "serve" in first, f"{path} must start with its command"
+        raw = load_serve_config(path)
+        assert raw["applications"][0]["import_path"] == "harma.serve.app:build_app"
+    assert len(files) == 2
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: c["applications"][0]["deployments"][0].update(max_ongoing_request=3), "unknown key(s) ['max_ongoing_request']"),
+    (lambda c: c["applications"][0]["deployments"][0]["autoscaling_config"].update(min_replica=1), "min_replica"),
+    (lambda c: c["applications"][0]["deployments"][0]["autoscaling_config"].update(min_replicas=5, max_replicas=2), "autoscaling_config"),
+    (lambda c: c["applications"][0]["args"].update(max_top_k=0), "max_top_k"),
+    (lambda c: c["applications"][0]["args"].update(index="x"), "index"),
+    (lambda c: c["applications"][0].update(imprt_path="x"), "imprt_path"),
+    (lambda c: c.pop("applications"), "no applications"),
+])
+def test_serve_config_errors_name_the_place(mutate, message):
+    from harma.serve.configs import ServeConfigError, validate_serve_config
+
+    raw = yaml.safe_load((REPO / "serve_configs" / "local.yaml").read_text())
+    mutate(raw)
+    with pytest.raises(ServeConfigError, match=re.escape(message)):
+        validate_serve_config(raw, "local.yaml")
+
+
+def test_resolve_local_paths_makes_harma_args_absolute(tmp_path, monkeypatch):
+    from harma.serve.configs import resolve_local_paths
+
+    monkeypatch.chdir(tmp_path)
+    raw = yaml.safe_load((REPO / "serve_configs" / "local.yaml").read_text())
+    out = resolve_local_paths(raw)
+    args = out["applications"][0]["args"]
+    assert args["checkpoint_uri"] == str(tmp_path / "harma-demo" / "model")
+    assert args["index_uri"] == str(tmp_path / "harma-demo" / "index")
+    assert raw["applications"][0]["args"]["index_uri"] == "harma-demo/index"  # input untouched
+    gpu = resolve_local_paths(yaml.safe_load((REPO / "serve_configs" / "gpu.yaml").read_text()))
+    assert gpu["applications"][0]["args"]["index_uri"].startswith("s3://")
+
+
+def test_runtime_env_and_job_commands():
+    from harma.jobs import entrypoint, job_command, job_file_in_working_dir, load_runtime_env
+
+    env = load_runtime_env(REPO / "jobs" / "runtime_env.yaml")  # validated by Ray's RuntimeEnv
+    assert env["working_dir"] == str(REPO) and env["env_vars"]["PYTHONPATH"] == "platform"
+    assert "/data" in env["excludes"] and "/.venv" in env["excludes"]
+    commands = {p.name: job_command(load_config(p)) for p in (REPO / "jobs").glob("*.yaml") if p.name != "runtime_env.yaml"}
+    assert commands["sweep_rsitmd.yaml"] == ["tune"] and commands["index_synth.yaml"] == ["index", "build"]
+    assert commands["eval_rsitmd.yaml"] == ["eval"] and commands["train_rsicd.yaml"] == ["train"]
+    for name, command in commands.items():  # each file's first line names the command it runs
+        first = (REPO / "jobs" / name).read_text().splitlines()[0]
+        assert f"harma {' '.join(command)}" in first or "harma submit" in first or name == "demo.yaml", name
+    cfg = load_config(REPO / "jobs" / "smoke_train.yaml")
+    assert entrypoint("jobs/smoke_train.yaml", ["run.name=a b"], cfg) == \
+        "python -m harma train --config jobs/smoke_train.yaml 'run.name=a b'"
+    assert job_file_in_working_dir(str(REPO / "jobs" / "smoke_train.yaml"), str(REPO)) == "jobs/smoke_train.yaml"
+    with pytest.raises(ValueError, match="must be inside the uploaded working directory"):
+        job_file_in_working_dir("/etc/hosts", str(REPO))

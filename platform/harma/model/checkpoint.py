@@ -80,3 +80,10 @@ def save_backbone_weights(uri: str, model: HarmaModel) -> None:
     """Write the CLIP backbone as an open_clip state dict in safetensors (a base-model file)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.clip.state_dict().items()}
     storage.write_bytes(uri, save_safetensors_bytes(state))
+
+
+def copy_checkpoint(src: str, dst: str) -> None:
+    """Copy a checkpoint's three files (not Ray's trainer state) to a stable place, e.g. for serving."""
+    storage.makedirs(dst)
+    for name in (ADAPTER_FILE, CONFIG_FILE, METRICS_FILE):
+        storage.write_bytes(storage.join(dst, name), storage.read_bytes(storage.join(src, name)))

@@ -1,0 +1,198 @@
+"""The HTTP API's contract: request/response models, limits, and request parsing with 4xx errors.
+
+Everything a client can get wrong is turned into `ApiError(status, message)` here or in the app, before any
+model work: wrong content type (415), body too large (413), non-UTF-8 or malformed JSON (400),
+schema violations, empty or over-long text, k out of range (422), undecodable base64 or image
+bytes (400). The Serve deployment (`harma.serve.app`) renders an ApiError as
+`{"error": {"status": ..., "message": ...}}`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+Filters = dict[str, str | list[str]]
+
+
+class ApiError(Exception):
+    """A client error: HTTP status + one clear message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class Limits(BaseModel):
+    """Request limits of a deployment (from ServeArgs)."""
+
+    max_top_k: int = 100
+    max_text_chars: int = 1000
+    max_request_bytes: int = 8 * 1024 * 1024
+
+
+class ServeArgs(BaseModel):
+    """`args:` of a serve config's application (validated when the app is built)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    checkpoint_uri: str = Field(description="Trained checkpoint (folder or s3:// prefix).")
+    index_uri: str = Field(description="Index built from that checkpoint (`harma index build`).")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_top_k: int = Field(100, ge=1, le=10_000)
+    max_text_chars: int = Field(1000, ge=1)
+    max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Larger bodies get 413.")
+    api_key_env: str = Field("HARMA_API_KEY", description="Env var holding the API key; unset = no auth.")
+    max_batch_size: int = Field(32, ge=1, description="Queries encoded and searched together.")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, description="How long a batch waits to fill.")
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(max_top_k=self.max_top_k, max_text_chars=self.max_text_chars,
+                      max_request_bytes=self.max_request_bytes)
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    k: int = Field(10, description="How many results (1..max_top_k).")
+    filters: Filters = Field(
+        default_factory=dict,
+        description="Metadata filters on the image gallery, e.g. {\"split\": \"test\", \"label\": "
+        "[\"airport\", \"port\"]}; filterable: split, label, image_id, source.")
+    include_thumbnails: bool = Field(False, description="Add each image's JPEG thumbnail as a data URI.")
+
+
+class TextQuery(_Request):
+    text: str = Field(description="The query caption.")
+
+
+class ImageQuery(_Request):
+    image_base64: str = Field(description="The query image (PNG, JPEG, TIFF ...), base64-encoded.")
+
+
+class ImageHit(BaseModel):
+    rank: int
+    id: str = Field(description="The image's key in the corpus.")
+    score: float = Field(description="Cosine similarity.")
+    metadata: dict[str, Any]
+    thumbnail: str | None = Field(None, description="data:image/jpeg;base64,... when asked for.")
+
+
+class CaptionHit(BaseModel):
+    rank: int
+    caption: str
+    image: str = Field(description="Id of the image the caption belongs to.")
+    score: float
+
+
+class SearchResponse(BaseModel):
+    query: dict[str, Any]
+    results: list[ImageHit] | list[CaptionHit]
+    index: dict[str, Any]
+    took_ms: float
+
+
+class ErrorBody(BaseModel):
+    error: dict[str, Any]
+
+
+# --- parsing ---------------------------------------------------------------------------------
+def media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def parse_json(body: bytes, content_type: str | None) -> Any:
+    if media_type(content_type) != "application/json":
+        raise ApiError(415, f"expected Content-Type application/json, got {content_type or 'none'!r}")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ApiError(400, f"the body is not valid UTF-8 (byte {err.start})") from None
+    if not text.strip():
+        raise ApiError(400, "the body is empty; send a JSON object")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ApiError(400, f"malformed JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
+
+
+def _validate(model: type[_Request], raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise ApiError(422, f"the body must be a JSON object, got {type(raw).__name__}")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in err.errors())
+        raise ApiError(422, problems) from None
+
+
+def check_common(query: _Request, limits: Limits) -> None:
+    if not 1 <= query.k <= limits.max_top_k:
+        raise ApiError(422, f"k must be between 1 and {limits.max_top_k}, got {query.k}")
+    from harma.serve.index import FILTER_COLUMNS
+
+    for key, value in query.filters.items():
+        if key not in FILTER_COLUMNS:
+            raise ApiError(422, f"cannot filter on {key!r}; filterable: {', '.join(FILTER_COLUMNS)}")
+        if isinstance(value, list) and not value:
+            raise ApiError(422, f"filter {key!r} has an empty list of values")
+
+
+def parse_text_query(body: bytes, content_type: str | None, limits: Limits) -> TextQuery:
+    query = _validate(TextQuery, parse_json(body, content_type))
+    if not query.text.strip():
+        raise ApiError(422, "text is empty")
+    if len(query.text) > limits.max_text_chars:
+        raise ApiError(422, f"text has {len(query.text)} characters; the limit is {limits.max_text_chars}")
+    check_common(query, limits)
+    return query
+
+
+def decode_base64(data: str) -> bytes:
+    if data.startswith("data:") and "," in data:  # a data URI as the browser makes it
+        data = data.split(",", 1)[1]
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "image_base64 is not valid base64") from None
+    if not raw:
+        raise ApiError(422, "image_base64 is empty")
+    return raw
+
+
+def parse_image_json(body: bytes, content_type: str | None, limits: Limits) -> tuple[ImageQuery, bytes]:
+    query = _validate(ImageQuery, parse_json(body, content_type))
+    check_common(query, limits)
+    return query, decode_base64(query.image_base64)
+
+
+def parse_image_params(params: dict[str, str], limits: Limits) -> _Request:
+    """k/filters/include_thumbnails from query-string or form fields (raw and multipart uploads)."""
+    raw: dict[str, Any] = {}
+    unknown = sorted(set(params) - {"k", "filters", "include_thumbnails"})
+    if unknown:
+        raise ApiError(422, f"unknown parameter(s): {', '.join(unknown)}")
+    if "k" in params:
+        try:
+            raw["k"] = int(params["k"])
+        except ValueError:
+            raise ApiError(422, f"k must be an integer, got {params['k']!r}") from None
+    if "filters" in params:
+        try:
+            raw["filters"] = json.loads(params["filters"])
+        except json.JSONDecodeError:
+            raise ApiError(422, "filters must be a JSON object") from None
+    if "include_thumbnails" in params:
+        raw["include_thumbnails"] = params["include_thumbnails"].lower() in ("1", "true", "yes")
+    query = _validate(_Request, raw)
+    check_common(query, limits)
+    return query
+
+
+Target = Literal["images", "captions"]

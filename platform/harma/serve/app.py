@@ -1,0 +1,410 @@
+"""The Ray Serve application: `harma.serve.app:build_app`, one autoscaling Retriever deployment.
+
+    serve run serve_configs/local.yaml          # Ray's own tools take the config unchanged
+    serve deploy serve_configs/gpu.yaml         # on a running cluster (code installed there)
+    harma serve serve_configs/local.yaml        # validates, resolves local paths, then `serve run`
+
+Each Retriever replica holds the query encoder (the checkpoint's own architecture, read from its
+config.yaml) and the whole index on its device, and is the FastAPI ingress, so a query costs one
+hop from Serve's proxy: text and image queries are micro-batched (`@serve.batch`), encoded in one
+forward pass, and searched exactly as one matrix product per gallery. The model work runs on a
+worker thread so the replica keeps accepting requests, which then form the next batch.
+
+HTTP API (OpenAPI at /openapi.json, interactive docs at /docs; the web page at /):
+
+    POST /v1/text-to-images      {"text": "...", "k": 10, "filters": {"split": "test"}}
+    POST /v1/image-to-images     JSON {"image_base64": ...}, a multipart upload (field `image`),
+    POST /v1/image-to-captions   or the raw bytes with Content-Type image/* (k etc. in the query)
+    GET  /v1/thumbnails/{id}     the JPEG thumbnail kept in the index
+    GET  /v1/info                checkpoint, index, limits, versions
+    GET  /healthz                liveness (no auth)
+
+Set the environment variable named by `api_key_env` (default HARMA_API_KEY) on the replicas to
+require `X-API-Key: <key>` or `Authorization: Bearer <key>` on /v1/*. The index can be replaced
+without a restart by setting the deployment's `user_config: {index_uri: ...}`.
+"""
+# No `from __future__ import annotations` here: FastAPI must see real types on the route methods.
+
+import asyncio
+import base64
+import hmac
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import numpy as np
+import ray.serve
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import ray
+from harma.serve.api import (
+    ApiError,
+    ErrorBody,
+    ImageQuery,
+    SearchResponse,
+    ServeArgs,
+    TextQuery,
+    media_type,
+    parse_image_json,
+    parse_image_params,
+    parse_text_query,
+)
+from harma.serve.index import EmbeddingIndex, check_index_matches, search_batch
+
+log = logging.getLogger("harma.serve")
+
+
+api = FastAPI(
+    title="HarMA retrieval",
+    version="1",
+    description="Remote-sensing image-text retrieval with HarMA adapters: text -> images, "
+    "image -> captions, image -> images. Errors are JSON: {\"error\": {\"status\", \"message\"}}.",
+)
+_ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 413, 415, 422)}
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"status": status, "message": message}}, status_code=status)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(_: Request, err: ApiError) -> JSONResponse:
+    return _error(err.status, err.message)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+    return _error(err.status_code, str(err.detail))
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
+    problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+    return _error(422, problems)
+
+
+@api.exception_handler(Exception)
+async def _internal_error(_: Request, err: Exception) -> JSONResponse:
+    log.exception("internal error")
+    return _error(500, f"internal error ({type(err).__name__})")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 above `limit` (by Content-Length, or while streaming)."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise ApiError(413, f"request body of {int(length):,} bytes; the limit is {limit:,}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body over the limit of {limit:,} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI request body of a route that parses its own JSON (for our 4xx messages)."""
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": model.model_json_schema()}}}}
+
+
+def _image_body() -> dict[str, Any]:
+    upload = {"type": "object", "properties": {
+        "image": {"type": "string", "format": "binary"}, "k": {"type": "integer"},
+        "filters": {"type": "string", "description": "JSON object"},
+        "include_thumbnails": {"type": "boolean"}}, "required": ["image"]}
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": ImageQuery.model_json_schema()},
+        "multipart/form-data": {"schema": upload},
+        "image/*": {"schema": {"type": "string", "format": "binary"}}}}}
+
+
+@dataclass
+class _Job:
+    """One query waiting in a batch."""
+
+    target: str  # images | captions
+    k: int
+    filters: dict
+    thumbnails: bool
+    text: str | None = None
+    pixels: np.ndarray | None = None
+
+
+@dataclass
+class _Loaded:
+    """An index and its galleries on the device; swapped as one reference."""
+
+    uri: str
+    index: EmbeddingIndex
+    galleries: dict[str, torch.Tensor]
+
+
+def _page_html() -> str:
+    return resources.files("harma.serve").joinpath("page.html").read_text()
+
+
+@ray.serve.deployment(
+    name="Retriever",
+    # Batching wants several requests queued per replica: the autoscaler keeps ~8 ongoing per
+    # replica; a replica accepts up to 64 (>= max_batch_size, so a batch can fill). The serve
+    # config files set these per environment, with comments.
+    max_ongoing_requests=64,
+    autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8,
+                        "upscale_delay_s": 10, "downscale_delay_s": 120},
+    ray_actor_options={"num_cpus": 1},
+    health_check_period_s=10,
+    graceful_shutdown_timeout_s=20,
+)
+@ray.serve.ingress(api)
+class Retriever:
+    """Query encoder + index + HTTP API in one replica (see the module docstring)."""
+
+    def __init__(self, args: dict[str, Any]):
+        from harma.serve.encoder import QueryEncoder
+        from harma.serve.index import checkpoint_fingerprint
+
+        self.args = ServeArgs.model_validate(args)
+        self.limits = self.args.limits
+        self.encoder = QueryEncoder(self.args.checkpoint_uri, self.args.device)
+        self.fingerprint = checkpoint_fingerprint(self.args.checkpoint_uri)
+        self._api_key = os.environ.get(self.args.api_key_env, "").encode()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="harma-model")
+        self.state = self._load(self.args.index_uri)
+        self._text_batch.set_max_batch_size(self.args.max_batch_size)
+        self._image_batch.set_max_batch_size(self.args.max_batch_size)
+        self._text_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+        self._image_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+        log.info("Retriever ready: %s, index %s (%d images) on %s, auth %s", self.args.checkpoint_uri,
+                 self.args.index_uri, self.state.index.size, self.encoder.device,
+                 "on" if self._api_key else "off")
+
+    # --- index ---------------------------------------------------------------------------------
+    def _load(self, uri: str) -> _Loaded:
+        from harma.serve.index import load_index, read_manifest
+
+        check_index_matches(read_manifest(uri), self.args.checkpoint_uri, self.fingerprint)
+        index = load_index(uri)
+        device = self.encoder.device
+        galleries = {"images": torch.from_numpy(index.image_emb).to(device)}
+        if index.caption_emb is not None:
+            galleries["captions"] = torch.from_numpy(index.caption_emb).to(device)
+        return _Loaded(uri, index, galleries)
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """`user_config: {index_uri: ...}` swaps the index in place: no restart, no lost request."""
+        unknown = sorted(set(user_config or {}) - {"index_uri"})
+        if unknown:
+            raise ValueError(f"user_config: unknown key(s) {unknown}; only index_uri")
+        uri = (user_config or {}).get("index_uri")
+        if uri and uri != self.state.uri:
+            loaded = await asyncio.get_running_loop().run_in_executor(None, self._load, uri)
+            self.state = loaded  # requests already in a batch finish on the old index
+            log.info("index replaced: %s (%d images)", uri, loaded.index.size)
+
+    def check_health(self) -> None:
+        if self.state is None or not self.state.index.size:
+            raise RuntimeError("no index loaded")
+
+    # --- auth ----------------------------------------------------------------------------------
+    def _authorize(self, request: Request) -> None:
+        if not self._api_key:
+            return
+        given = request.headers.get("x-api-key")
+        bearer = request.headers.get("authorization", "")
+        if given is None and bearer.lower().startswith("bearer "):
+            given = bearer[7:].strip()
+        if not given:
+            raise ApiError(401, "missing API key: send the X-API-Key header or Authorization: Bearer <key>")
+        if not hmac.compare_digest(given.encode(), self._api_key):
+            raise ApiError(401, "invalid API key")
+
+    # --- batched model work --------------------------------------------------------------------
+    def _answer(self, kind: str, jobs: list[_Job]) -> list[dict[str, Any] | ApiError]:
+        """Encode a batch in one forward pass and search each gallery with one matrix product."""
+        loaded = self.state
+        index = loaded.index
+        if kind == "text":
+            emb = self.encoder.encode_texts([j.text for j in jobs])
+        else:
+            emb = self.encoder.encode_pixels(np.stack([j.pixels for j in jobs]))
+        answers: list[dict[str, Any] | ApiError] = [None] * len(jobs)  # type: ignore[list-item]
+        for target in ("images", "captions"):
+            rows = [i for i, j in enumerate(jobs) if j.target == target]
+            if not rows:
+                continue
+            if target not in loaded.galleries:
+                for i in rows:
+                    answers[i] = ApiError(422, "this index has no captions (built from an image "
+                                               "folder or with index.captions=false)")
+                continue
+            masks = []
+            for i in rows:
+                try:
+                    masks.append(index.image_mask(jobs[i].filters) if target == "images"
+                                 else index.caption_mask(jobs[i].filters))
+                except ValueError as err:
+                    masks.append(None)
+                    answers[i] = ApiError(422, str(err))
+            found = search_batch(emb[rows], loaded.galleries[target], [jobs[i].k for i in rows], masks)
+            for i, (scores, hits) in zip(rows, found, strict=True):
+                if answers[i] is None:
+                    answers[i] = self._results(index, jobs[i], scores, hits)
+        return answers
+
+    @staticmethod
+    def _results(index: EmbeddingIndex, job: _Job, scores: list[float], rows: list[int]) -> dict[str, Any]:
+        results = []
+        for rank, (score, row) in enumerate(zip(scores, rows, strict=True), start=1):
+            if job.target == "captions":
+                hit = index.caption_result(row, score)
+            else:
+                hit = index.image_result(row, score)
+                if job.thumbnails:
+                    thumb = index.images.get("thumbnail", [b""] * index.size)[row]
+                    hit["thumbnail"] = ("data:image/jpeg;base64," + base64.b64encode(thumb).decode()) if thumb else None
+            results.append({"rank": rank, **hit})
+        return {"results": results, "index": {"fingerprint": index.manifest["checkpoint_fingerprint"],
+                                              "images": index.size, "captions": index.caption_count,
+                                              "built_at": index.manifest.get("built_at")}}
+
+    async def _run(self, kind: str, jobs: list[_Job]) -> list[Any]:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._answer, kind, jobs)
+
+    @ray.serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _text_batch(self, jobs: list[_Job]) -> list[Any]:
+        return await self._run("text", jobs)
+
+    @ray.serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _image_batch(self, jobs: list[_Job]) -> list[Any]:
+        return await self._run("image", jobs)
+
+    async def _respond(self, job: _Job, kind: str, started: float) -> dict[str, Any]:
+        answer = await (self._text_batch(job) if kind == "text" else self._image_batch(job))
+        if isinstance(answer, ApiError):
+            raise answer
+        return {"query": {"kind": kind, "target": job.target, "k": job.k, "filters": job.filters},
+                **answer, "took_ms": round((time.perf_counter() - started) * 1000, 3)}
+
+    # --- routes --------------------------------------------------------------------------------
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse(_page_html())
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        return {"status": "ok", "images": self.state.index.size}
+
+    @api.get("/v1/info", responses=_ERRORS)
+    async def info(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        import open_clip
+
+        import harma
+
+        manifest = self.state.index.manifest
+        return {
+            "checkpoint_uri": self.args.checkpoint_uri,
+            "checkpoint_fingerprint": self.fingerprint["fingerprint"],
+            "arch": self.encoder.arch, "embed_dim": self.encoder.embed_dim,
+            "device": str(self.encoder.device),
+            "index_uri": self.state.uri,
+            "index": {"images": self.state.index.size, "captions": self.state.index.caption_count,
+                      "built_at": manifest.get("built_at"), "corpus_uri": manifest.get("corpus_uri")},
+            "limits": self.limits.model_dump(),
+            "batching": {"max_batch_size": self.args.max_batch_size,
+                         "batch_wait_timeout_s": self.args.batch_wait_timeout_s},
+            "auth": "api-key" if self._api_key else "none",
+            "replica": ray.serve.get_replica_context().replica_id.unique_id,
+            "versions": {"harma": getattr(harma, "__version__", "0"), "ray": ray.__version__,
+                         "torch": torch.__version__, "open_clip": open_clip.__version__},
+        }
+
+    @api.post("/v1/text-to-images", response_model=SearchResponse, responses=_ERRORS,
+              openapi_extra=_json_body(TextQuery))
+    async def text_to_images(self, request: Request) -> dict[str, Any]:
+        started = time.perf_counter()
+        self._authorize(request)
+        query = parse_text_query(await _read_body(request, self.limits.max_request_bytes), request.headers.get("content-type"), self.limits)
+        job = _Job("images", query.k, query.filters, query.include_thumbnails, text=query.text)
+        return await self._respond(job, "text", started)
+
+    @api.post("/v1/image-to-images", response_model=SearchResponse, responses=_ERRORS,
+              openapi_extra=_image_body())
+    async def image_to_images(self, request: Request) -> dict[str, Any]:
+        return await self._image_search(request, "images")
+
+    @api.post("/v1/image-to-captions", response_model=SearchResponse, responses=_ERRORS,
+              openapi_extra=_image_body())
+    async def image_to_captions(self, request: Request) -> dict[str, Any]:
+        return await self._image_search(request, "captions")
+
+    @api.get("/v1/thumbnails/{item_id:path}", responses={**_ERRORS, 404: {"model": ErrorBody}})
+    async def thumbnail(self, item_id: str, request: Request) -> Response:
+        self._authorize(request)
+        data = self.state.index.thumbnail(item_id)  # a dictionary lookup, never a file path
+        if data is None:
+            raise ApiError(404, f"no thumbnail for {item_id!r} in this index")
+        return Response(data, media_type="image/jpeg")
+
+    async def _image_search(self, request: Request, target: str) -> dict[str, Any]:
+        from harma.serve.encoder import UnreadableImageError
+
+        started = time.perf_counter()
+        self._authorize(request)
+        content_type = request.headers.get("content-type")
+        kind = media_type(content_type)
+        if kind == "application/json":
+            query, data = parse_image_json(await _read_body(request, self.limits.max_request_bytes),
+                                           content_type, self.limits)
+        elif kind == "multipart/form-data":
+            length = request.headers.get("content-length")
+            if length is None or not length.isdigit() or int(length) > self.limits.max_request_bytes:
+                raise ApiError(413 if length and length.isdigit() else 411,
+                               f"multipart uploads need a Content-Length of at most "
+                               f"{self.limits.max_request_bytes:,} bytes")
+            try:
+                form = await request.form(max_files=1, max_fields=8, max_part_size=self.limits.max_request_bytes)
+            except ApiError:
+                raise
+            except Exception as err:  # starlette's multipart parser errors
+                raise ApiError(400, f"malformed multipart body: {err}") from None
+            upload = form.get("image")
+            if upload is None or isinstance(upload, str):
+                raise ApiError(422, "multipart upload needs a file field named 'image'")
+            data = await upload.read()
+            query = parse_image_params({k: str(v) for k, v in form.items() if k != "image"}, self.limits)
+        elif kind.startswith("image/") or kind == "application/octet-stream":
+            data = await _read_body(request, self.limits.max_request_bytes)
+            query = parse_image_params(dict(request.query_params), self.limits)
+        else:
+            raise ApiError(415, "send the image as application/json (image_base64), "
+                                f"multipart/form-data (field 'image') or image/*; got {content_type or 'none'!r}")
+        if not data:
+            raise ApiError(422, "the image is empty")
+        try:
+            pixels = await asyncio.to_thread(self.encoder.preprocess, data)
+        except UnreadableImageError as err:
+            raise ApiError(400, str(err)) from None
+        job = _Job(target, query.k, query.filters, query.include_thumbnails, pixels=pixels)
+        return await self._respond(job, "image", started)
+
+
+def build_app(args: dict[str, Any]) -> ray.serve.Application:
+    """The import_path target: validate `args`, check the index belongs to the checkpoint, bind."""
+    from harma.serve.index import checkpoint_fingerprint, read_manifest
+
+    parsed = ServeArgs.model_validate(args)
+    check_index_matches(read_manifest(parsed.index_uri), parsed.checkpoint_uri,
+                        checkpoint_fingerprint(parsed.checkpoint_uri))
+    return Retriever.bind(parsed.model_dump())

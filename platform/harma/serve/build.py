@@ -1,0 +1,234 @@
+"""`harma index build`: embed an image corpus with Ray Data batch inference and write the index.
+
+    harma index build --config jobs/index_synth.yaml [index.checkpoint_uri=...]
+
+The corpus is read where it lives (prepared Parquet shards or a folder of image files, local or
+s3://) and streamed through a pool of embedding actors, each loading the checkpoint once (on a GPU
+each when `index.use_gpu`). Captions of a prepared corpus are embedded the same way for
+image -> text search. The driver gathers embeddings and metadata (a few hundred bytes per image)
+and writes the index with a manifest naming the checkpoint and its fingerprint
+(`harma.serve.index`). Undecodable images are skipped and listed in the manifest.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+import ray
+from harma import storage
+from harma.config import IndexConfig
+from harma.serve.index import FORMAT, EmbeddingIndex, checkpoint_fingerprint, save_index
+
+log = logging.getLogger(__name__)
+
+
+def _thumbnail(pixels_source: bytes, size: int) -> bytes:
+    from harma.data.transforms import decode_image
+
+    img = decode_image(pixels_source)
+    img.thumbnail((size, size))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+class ImageEmbedder:
+    """Ray Data actor: image rows -> embeddings (+ thumbnails); undecodable rows flagged."""
+
+    def __init__(self, checkpoint_uri: str, device: str, thumbnail_size: int):
+        from harma.serve.encoder import QueryEncoder
+
+        self.encoder = QueryEncoder(checkpoint_uri, device)
+        self.thumbnail_size = thumbnail_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from harma.serve.encoder import UnreadableImageError
+
+        pixels, ok, thumbs = [], [], []
+        for data in batch["image"]:
+            try:
+                pixels.append(self.encoder.preprocess(bytes(data)))
+                thumbs.append(_thumbnail(bytes(data), self.thumbnail_size) if self.thumbnail_size else b"")
+                ok.append(True)
+            except UnreadableImageError:
+                ok.append(False)
+                thumbs.append(b"")
+        dim = self.encoder.embed_dim
+        emb = np.zeros((len(ok), dim), np.float32)
+        if pixels:
+            emb[np.array(ok)] = self.encoder.encode_pixels(np.stack(pixels)).cpu().numpy()
+        out = {k: v for k, v in batch.items() if k != "image"}
+        out.update(embedding=emb, ok=np.array(ok), thumbnail=np.array(thumbs, dtype=object))
+        return out
+
+
+class TextEmbedder:
+    """Ray Data actor: caption rows -> embeddings."""
+
+    def __init__(self, checkpoint_uri: str, device: str):
+        from harma.serve.encoder import QueryEncoder
+
+        self.encoder = QueryEncoder(checkpoint_uri, device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        emb = self.encoder.encode_texts([str(c) for c in batch["caption"]]).cpu().numpy()
+        return {**batch, "embedding": emb}
+
+
+def _prepared_files(cfg: IndexConfig) -> list[str]:
+    from harma.data.prepared import split_files
+
+    return [f for split in cfg.splits for f in split_files(cfg.corpus_uri, split)]
+
+
+def _parquet_rows(files: list[str]) -> int:
+    """Rows of Parquet files from their footers only."""
+    import pyarrow.parquet as pq
+
+    total = 0
+    for uri in files:
+        fs, path = storage.resolve(uri)
+        with fs.open_input_file(path) as handle:
+            total += pq.ParquetFile(handle).metadata.num_rows
+    return total
+
+
+def _image_dataset(cfg: IndexConfig) -> tuple[ray.data.Dataset, int]:
+    """(dataset of image rows with image, id, source, image_id, split, label; number of images)."""
+    if cfg.corpus_format == "prepared":
+        files = _prepared_files(cfg)
+        fs, _ = storage.resolve(files[0])
+        ds = ray.data.read_parquet([storage.resolve(f)[1] for f in files], filesystem=fs, num_cpus=0.25,
+                                   columns=["image", "image_key", "image_id", "split", "label"])
+        total = _parquet_rows(files)
+
+        def rename(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            keys = batch.pop("image_key")  # the image's path under the source image folder
+            return {**batch, "id": keys, "source": keys}
+
+        return ds.map_batches(rename, batch_format="numpy", num_cpus=0.1), total
+    extensions = tuple(e.lower() for e in cfg.image_extensions)
+    files = [f for f in storage.list_files(cfg.corpus_uri) if f.lower().endswith(extensions)]
+    if not files:
+        raise FileNotFoundError(f"{cfg.corpus_uri}: no image files ({', '.join(extensions)})")
+    fs, root = storage.resolve(cfg.corpus_uri)
+    ds = ray.data.read_binary_files([storage.resolve(f)[1] for f in files], filesystem=fs,
+                                    include_paths=True, num_cpus=0.25)
+    prefix = root.rstrip("/") + "/"
+
+    def to_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rel = np.array([str(p)[len(prefix):] if str(p).startswith(prefix) else str(p)
+                        for p in batch["path"]], dtype=object)
+        n = len(rel)
+        return {"image": batch["bytes"], "id": rel, "source": rel,
+                "image_id": np.full(n, -1, np.int64), "split": np.array([""] * n, dtype=object),
+                "label": np.array([None] * n, dtype=object)}
+
+    return ds.map_batches(to_rows, batch_format="numpy", num_cpus=0.1), len(files)
+
+
+def _caption_dataset(cfg: IndexConfig) -> ray.data.Dataset:
+    files = _prepared_files(cfg)
+    fs, _ = storage.resolve(files[0])
+    ds = ray.data.read_parquet([storage.resolve(f)[1] for f in files], filesystem=fs, num_cpus=0.25,
+                               columns=["image_key", "captions"])
+    return ds.flat_map(lambda row: [{"caption": str(c), "image": row["image_key"]} for c in row["captions"]],
+                       num_cpus=0.1)
+
+
+def _actor_options(cfg: IndexConfig) -> dict[str, Any]:
+    return {"compute": ray.data.ActorPoolStrategy(size=cfg.actors), "num_cpus": cfg.cpus_per_actor,
+            "num_gpus": 1 if cfg.use_gpu else 0, "batch_size": cfg.batch_size, "batch_format": "numpy"}
+
+
+def build_index(cfg: IndexConfig, progress=log.info) -> dict[str, Any]:
+    """Embed the corpus, write the index to `cfg.output_uri`; returns the manifest."""
+    t0 = time.perf_counter()
+    # Ray Data actors run in another working directory: local paths must be absolute.
+    cfg = cfg.model_copy(update={k: storage.absolute(getattr(cfg, k))
+                                 for k in ("checkpoint_uri", "corpus_uri", "output_uri")})
+    storage.preflight(cfg.checkpoint_uri)
+    storage.preflight(cfg.corpus_uri)
+    storage.preflight(cfg.output_uri, write=True)
+    fingerprint = checkpoint_fingerprint(cfg.checkpoint_uri)
+    device = "cuda" if cfg.use_gpu else "cpu"
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+
+    images, total = _image_dataset(cfg)
+    progress(f"embedding {total} images from {cfg.corpus_uri} with {cfg.checkpoint_uri} "
+             f"({cfg.actors} actor(s), {device})")
+    embedded = images.map_batches(ImageEmbedder, fn_constructor_args=(cfg.checkpoint_uri, device,
+                                                                        cfg.thumbnail_size),
+                                  **_actor_options(cfg))
+    emb_parts, meta = [], {c: [] for c in ("id", "source", "image_id", "split", "label", "thumbnail")}
+    skipped: list[str] = []
+    done, last = 0, time.perf_counter()
+    for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
+        ok = batch["ok"].astype(bool)
+        skipped.extend(str(k) for k in batch["id"][~ok])
+        emb_parts.append(batch["embedding"][ok])
+        for column in meta:
+            values = batch[column][ok].tolist()
+            meta[column].extend(values)
+        done += len(ok)
+        if time.perf_counter() - last > 10 or done == total:
+            rate = done / (time.perf_counter() - t0)
+            progress(f"  images {done}/{total} ({rate:.0f}/s, ETA {(total - done) / max(rate, 1e-9):.0f} s)")
+            last = time.perf_counter()
+    meta["label"] = [None if v is None else str(v) for v in meta["label"]]
+    meta["image_id"] = [int(v) for v in meta["image_id"]]
+    meta["id"] = [str(v) for v in meta["id"]]
+    meta["source"] = [str(v) for v in meta["source"]]
+    meta["split"] = [str(v) for v in meta["split"]]
+    meta["thumbnail"] = [bytes(v) for v in meta["thumbnail"]]
+    dim = int(emb_parts[0].shape[1]) if emb_parts else 0
+    image_emb = np.concatenate(emb_parts) if emb_parts else np.zeros((0, dim), np.float32)
+    if skipped:
+        progress(f"  skipped {len(skipped)} undecodable image(s): {', '.join(skipped[:10])}")
+    if not len(image_emb):
+        raise ValueError(f"{cfg.corpus_uri}: no decodable images to index")
+
+    caption_emb = captions = None
+    if cfg.captions and cfg.corpus_format == "prepared":
+        row_of = {k: i for i, k in enumerate(meta["id"])}
+        parts, captions = [], {"caption": [], "image": [], "image_row": []}
+        caption_ds = _caption_dataset(cfg).map_batches(
+            TextEmbedder, fn_constructor_args=(cfg.checkpoint_uri, device),
+            **{**_actor_options(cfg), "batch_size": max(cfg.batch_size, 128)})
+        for batch in caption_ds.iter_batches(batch_size=None, batch_format="numpy"):
+            keep = np.array([str(k) in row_of for k in batch["image"]], dtype=bool)
+            parts.append(batch["embedding"][keep])
+            captions["caption"].extend(str(c) for c in batch["caption"][keep])
+            captions["image"].extend(str(k) for k in batch["image"][keep])
+            captions["image_row"].extend(row_of[str(k)] for k in batch["image"][keep])
+        caption_emb = np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
+        progress(f"  captions {len(caption_emb)}")
+
+    manifest = {
+        "format": FORMAT,
+        "checkpoint_uri": cfg.checkpoint_uri,
+        "checkpoint_fingerprint": fingerprint["fingerprint"],
+        "config_sha256": fingerprint["config_sha256"],
+        "adapter_sha256": fingerprint["adapter_sha256"],
+        "embed_dim": dim,
+        "images": int(len(image_emb)),
+        "captions": 0 if caption_emb is None else int(len(caption_emb)),
+        "corpus_uri": cfg.corpus_uri,
+        "corpus_format": cfg.corpus_format,
+        "splits": cfg.splits if cfg.corpus_format == "prepared" else [],
+        "skipped": skipped,
+        "thumbnails": bool(cfg.thumbnail_size),
+        "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "build_seconds": round(time.perf_counter() - t0, 2),
+    }
+    save_index(cfg.output_uri, EmbeddingIndex(manifest, image_emb, meta, caption_emb, captions))
+    progress(f"index written to {cfg.output_uri}: {manifest['images']} images, {manifest['captions']} "
+             f"captions, {manifest['build_seconds']:.0f} s")
+    return manifest

@@ -1,0 +1,98 @@
+"""Serve config files (`serve_configs/*.yaml`): strict validation, and resolution for local runs.
+
+    harma serve serve_configs/local.yaml [--address ADDR]
+
+Ray 2.60's `ServeDeploySchema` silently ignores unknown keys and does not check autoscaling
+dicts, so a typo would deploy with defaults. `validate_serve_config` rejects unknown keys at every
+level, checks autoscaling configs with Ray's own `AutoscalingConfig`, and validates the `args` of
+every application built by `harma.serve.app:build_app` with `ServeArgs`. No torch import here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from harma import storage
+
+HARMA_IMPORT_PATH = "harma.serve.app:build_app"
+_PATH_ARGS = ("checkpoint_uri", "index_uri")
+
+
+class ServeConfigError(ValueError):
+    """A serve config file is invalid; the message names the file and the place."""
+
+
+def _known(model) -> set[str]:
+    return set(model.model_fields) | {f.alias for f in model.model_fields.values() if f.alias}
+
+
+def _check_keys(raw: dict, model, where: str) -> None:
+    unknown = sorted(set(raw) - _known(model))
+    if unknown:
+        raise ServeConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(_known(model))}")
+
+
+def validate_serve_config(raw: Any, source: str = "serve config") -> dict[str, Any]:
+    """Strictly validate a Serve config dict (Ray's schema + unknown keys + ServeArgs); returns it."""
+    from pydantic import ValidationError
+    from ray.serve.config import AutoscalingConfig
+    from ray.serve.schema import DeploymentSchema, ServeApplicationSchema, ServeDeploySchema
+
+    from harma.serve.api import ServeArgs
+
+    if not isinstance(raw, dict):
+        raise ServeConfigError(f"{source}: top level must be a mapping")
+    if not raw.get("applications"):
+        raise ServeConfigError(f"{source}: no applications")
+    try:
+        _check_keys(raw, ServeDeploySchema, f"{source}")
+        for app in raw.get("applications") or []:
+            where = f"{source}: application {app.get('name', '?')!r}"
+            _check_keys(app, ServeApplicationSchema, where)
+            for dep in app.get("deployments") or []:
+                dwhere = f"{where} deployment {dep.get('name', '?')!r}"
+                _check_keys(dep, DeploymentSchema, dwhere)
+                if isinstance(dep.get("autoscaling_config"), dict):
+                    _check_keys(dep["autoscaling_config"], AutoscalingConfig, f"{dwhere} autoscaling_config")
+                    try:
+                        AutoscalingConfig(**dep["autoscaling_config"])
+                    except (ValidationError, ValueError) as err:
+                        raise ServeConfigError(f"{dwhere} autoscaling_config: {err}") from None
+            if app.get("import_path") == HARMA_IMPORT_PATH:
+                try:
+                    ServeArgs.model_validate(app.get("args") or {})
+                except ValidationError as err:
+                    raise ServeConfigError(f"{where} args: {err}") from None
+        ServeDeploySchema.model_validate(raw)
+    except ValidationError as err:
+        raise ServeConfigError(f"{source}: {err}") from None
+    return raw
+
+
+def load_serve_config(path: str | Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise ServeConfigError(f"cannot read {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise ServeConfigError(f"{path} is not valid YAML: {err}") from None
+    return validate_serve_config(raw, str(path))
+
+
+def resolve_local_paths(raw: dict[str, Any]) -> dict[str, Any]:
+    """A copy whose harma apps' local checkpoint/index paths are absolute (replicas run elsewhere)."""
+    out = yaml.safe_load(yaml.safe_dump(raw))
+    for app in out.get("applications") or []:
+        if app.get("import_path") == HARMA_IMPORT_PATH:
+            args = app.setdefault("args", {})
+            for key in _PATH_ARGS:
+                if key in args:
+                    args[key] = storage.absolute(args[key])
+            for dep in app.get("deployments") or []:
+                uri = (dep.get("user_config") or {}).get("index_uri")
+                if uri:
+                    dep["user_config"]["index_uri"] = storage.absolute(uri)
+    return out

@@ -1,0 +1,88 @@
+"""QueryEncoder: a trained checkpoint as text and image encoders on one device.
+
+    enc = QueryEncoder("runs/demo/best")               # architecture from the checkpoint's config
+    text_emb = enc.encode_texts(["two bridges over a river"])   # (1, D) on enc.device
+    image_emb = enc.encode_pixels(enc.preprocess(png_bytes)[None])
+
+Used by the index build (Ray Data actors), the Serve replicas and the serving benchmark, so the
+index and the queries are embedded by exactly the same code. Images get the eval transform
+(bicubic resize to the model's size, CLIP normalisation on the device).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+from harma.data.transforms import decode_image, eval_uint8, normalize_pixels, tokenize
+
+# Reject images whose header claims more pixels than this before decoding them (decompression bombs).
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for but CUDA is not available")
+    return torch.device(device)
+
+
+class UnreadableImageError(ValueError):
+    """Bytes that are not a decodable image of an allowed size."""
+
+
+def decode_query_image(data: bytes, size: int) -> np.ndarray:
+    """Image bytes -> (3, size, size) uint8, checking the header's pixel count before decoding."""
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            width, height = probe.size
+    except Image.DecompressionBombError:
+        raise UnreadableImageError(f"image is too large; at most {MAX_IMAGE_PIXELS:,} pixels") from None
+    except (OSError, ValueError) as err:
+        raise UnreadableImageError("the bytes are not a decodable image (PNG, JPEG, TIFF, WebP ...)") from err
+    if width * height > MAX_IMAGE_PIXELS:
+        raise UnreadableImageError(f"image is {width}x{height}; at most {MAX_IMAGE_PIXELS:,} pixels")
+    try:
+        return eval_uint8(decode_image(data), size)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise UnreadableImageError("the image could not be decoded (truncated or corrupt)") from err
+
+
+class QueryEncoder:
+    """Text and image embeddings (L2-normalised, float32) from a checkpoint."""
+
+    def __init__(self, checkpoint_uri: str, device: str = "auto"):
+        from harma.model.backbone import build_tokenizer
+        from harma.model.checkpoint import load_checkpoint
+
+        model, cfg = load_checkpoint(checkpoint_uri)
+        self.device = pick_device(device)
+        self.model = model.to(self.device).eval()
+        self.config = cfg
+        self.checkpoint_uri = checkpoint_uri
+        self.image_size = model.arch.image_size
+        self.embed_dim = model.arch.embed_dim
+        self.arch = model.arch.name
+        self.max_words = cfg.data.max_words
+        self._tokenizer = build_tokenizer(model.arch.name)
+        self._dtype = next(model.parameters()).dtype
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        """(Q,) captions -> (Q, D) float32 embeddings on the device."""
+        tokens = torch.from_numpy(tokenize(texts, self._tokenizer, self.max_words)).to(self.device)
+        return self.model.encode_text(tokens).float()
+
+    def preprocess(self, data: bytes) -> np.ndarray:
+        """Image bytes -> (3, S, S) uint8 at the model's size (raises UnreadableImageError)."""
+        return decode_query_image(data, self.image_size)
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: np.ndarray) -> torch.Tensor:
+        """(B, 3, S, S) uint8 -> (B, D) float32 embeddings on the device."""
+        batch = normalize_pixels(torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device))
+        return self.model.encode_image(batch.to(self._dtype)).float()

@@ -1,0 +1,209 @@
+"""The retrieval index: embeddings + metadata + a manifest naming the checkpoint; exact top-k search.
+
+Layout of an index (a folder or s3:// prefix), written by `harma index build`:
+
+    manifest.json      format, checkpoint URI and fingerprint, counts, embedding size, corpus, time
+    images.npy         (N, D) float32 L2-normalised image embeddings
+    images.parquet     one row per image: id (the source key), source, image_id, split, label,
+                       thumbnail (JPEG bytes, may be empty)
+    captions.npy       (C, D) caption embeddings (only when captions were indexed)
+    captions.parquet   one row per caption: caption, image (the id of its image), image_row
+
+Search is exact: one matrix product of the queries with the gallery on the replica's device, then
+top-k; metadata filters become a boolean mask over the gallery. Everything here is pure (numpy,
+torch, pyarrow through `harma.storage`); Ray only builds indexes (`harma.serve.build`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from harma import storage
+
+FORMAT = "harma-index-v1"
+MANIFEST = "manifest.json"
+# Metadata columns a query may filter on (values compared as strings).
+FILTER_COLUMNS = ("split", "label", "image_id", "source")
+
+
+class IndexMismatchError(ValueError):
+    """The index was built with another checkpoint than the one being served."""
+
+
+# --- checkpoint fingerprint ------------------------------------------------------------------
+def checkpoint_fingerprint(checkpoint_uri: str) -> dict[str, str]:
+    """SHA-256 of the checkpoint's config.yaml and adapter.safetensors, and of the pair.
+
+    Two checkpoints with the same fingerprint embed identically wherever they are stored.
+    """
+    from harma.model.checkpoint import ADAPTER_FILE, CONFIG_FILE
+
+    config_sha = hashlib.sha256(storage.read_bytes(storage.join(checkpoint_uri, CONFIG_FILE))).hexdigest()
+    adapter_sha = hashlib.sha256(storage.read_bytes(storage.join(checkpoint_uri, ADAPTER_FILE))).hexdigest()
+    both = hashlib.sha256(f"{config_sha}:{adapter_sha}".encode()).hexdigest()
+    return {"config_sha256": config_sha, "adapter_sha256": adapter_sha, "fingerprint": both}
+
+
+def check_index_matches(manifest: dict[str, Any], checkpoint_uri: str, fingerprint: dict[str, str]) -> None:
+    """Refuse an index built by another checkpoint (same content elsewhere is accepted)."""
+    if manifest.get("format") != FORMAT:
+        raise IndexMismatchError(f"not a {FORMAT} index (format {manifest.get('format')!r})")
+    if manifest.get("checkpoint_fingerprint") != fingerprint["fingerprint"]:
+        what = ("its config differs" if manifest.get("config_sha256") != fingerprint["config_sha256"]
+                else "its adapter weights differ")
+        raise IndexMismatchError(
+            f"the index was built with checkpoint {manifest.get('checkpoint_uri')!r}, not with "
+            f"{checkpoint_uri!r} ({what}); rebuild it: harma index build --config ... "
+            f"index.checkpoint_uri={checkpoint_uri}")
+
+
+# --- the index -------------------------------------------------------------------------------
+@dataclass
+class EmbeddingIndex:
+    """Image gallery (+ optional caption gallery) with metadata, as loaded into a replica."""
+
+    manifest: dict[str, Any]
+    image_emb: np.ndarray  # (N, D) float32, L2-normalised
+    images: dict[str, list]  # column -> N values (id, source, image_id, split, label, thumbnail)
+    caption_emb: np.ndarray | None = None  # (C, D)
+    captions: dict[str, list] | None = None  # caption, image, image_row
+    row_of: dict[str, int] = field(init=False)
+    _masks: dict[tuple, np.ndarray] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.image_emb.ndim != 2 or len(self.image_emb) != len(self.images["id"]):
+            raise ValueError(f"index has {len(self.image_emb)} image embeddings for "
+                             f"{len(self.images['id'])} metadata rows")
+        self.row_of = {item: row for row, item in enumerate(self.images["id"])}
+        if len(self.row_of) != len(self.images["id"]):
+            raise ValueError("index image ids are not unique")
+
+    @property
+    def size(self) -> int:
+        return len(self.image_emb)
+
+    @property
+    def caption_count(self) -> int:
+        return 0 if self.caption_emb is None else len(self.caption_emb)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.image_emb.shape[1])
+
+    def image_mask(self, filters: dict[str, str | list[str]] | None) -> np.ndarray | None:
+        """Boolean (N,) mask of images whose metadata match every filter (None = no filter)."""
+        if not filters:
+            return None
+        key = tuple(sorted((k, tuple(v) if isinstance(v, list) else (v,)) for k, v in filters.items()))
+        if key in self._masks:
+            return self._masks[key]
+        mask = np.ones(self.size, dtype=bool)
+        for column, wanted in key:
+            if column not in FILTER_COLUMNS:
+                raise ValueError(f"cannot filter on {column!r}; filterable: {', '.join(FILTER_COLUMNS)}")
+            values = np.array(["" if v is None else str(v) for v in self.images[column]], dtype=object)
+            mask &= np.isin(values, [str(w) for w in wanted])
+        if len(self._masks) > 256:
+            self._masks.clear()
+        self._masks[key] = mask
+        return mask
+
+    def caption_mask(self, filters: dict[str, str | list[str]] | None) -> np.ndarray | None:
+        """Captions whose image matches the filters."""
+        mask = self.image_mask(filters)
+        if mask is None or self.captions is None:
+            return mask if self.captions is not None else None
+        return mask[np.asarray(self.captions["image_row"], dtype=np.int64)]
+
+    def image_result(self, row: int, score: float) -> dict[str, Any]:
+        return {"id": self.images["id"][row], "score": score,
+                "metadata": {c: self.images[c][row] for c in FILTER_COLUMNS if c in self.images}}
+
+    def caption_result(self, row: int, score: float) -> dict[str, Any]:
+        assert self.captions is not None
+        return {"caption": self.captions["caption"][row], "image": self.captions["image"][row],
+                "score": score}
+
+    def thumbnail(self, item_id: str) -> bytes | None:
+        """JPEG thumbnail of an image by id (a dictionary lookup, never a path)."""
+        row = self.row_of.get(item_id)
+        if row is None or "thumbnail" not in self.images:
+            return None
+        return self.images["thumbnail"][row] or None
+
+
+# --- search (pure) ---------------------------------------------------------------------------
+def search_batch(
+    queries: torch.Tensor, gallery: torch.Tensor, ks: list[int], masks: list[np.ndarray | None]
+) -> list[tuple[list[float], list[int]]]:
+    """Many queries with their own k and filter in one matrix product; per query (scores, rows)."""
+    scores = queries @ gallery.T  # (Q, N)
+    out = []
+    if any(m is not None for m in masks):
+        full = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+        for i, m in enumerate(masks):
+            if m is not None:
+                full[i] = torch.from_numpy(m).to(scores.device)
+        scores = scores.masked_fill(~full, float("-inf"))
+        allowed = full.sum(dim=1).tolist()
+    else:
+        allowed = [gallery.shape[0]] * len(ks)
+    k_max = min(max(ks), gallery.shape[0])
+    values, rows = torch.topk(scores, k_max, dim=-1)
+    values, rows = values.float().cpu().tolist(), rows.cpu().tolist()
+    for i, k in enumerate(ks):
+        n = min(k, allowed[i], k_max)
+        out.append((values[i][:n], rows[i][:n]))
+    return out
+
+
+# --- storage ---------------------------------------------------------------------------------
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _parquet_bytes(columns: dict[str, list]) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(pa.table(columns), buf)
+    return buf.getvalue()
+
+
+def save_index(uri: str, index: EmbeddingIndex) -> None:
+    """Write an index (data files first, the manifest last: a reader never sees half an index)."""
+    storage.makedirs(uri)
+    storage.write_bytes(storage.join(uri, "images.npy"), _npy_bytes(index.image_emb))
+    storage.write_bytes(storage.join(uri, "images.parquet"), _parquet_bytes(index.images))
+    if index.caption_emb is not None and index.captions is not None:
+        storage.write_bytes(storage.join(uri, "captions.npy"), _npy_bytes(index.caption_emb))
+        storage.write_bytes(storage.join(uri, "captions.parquet"), _parquet_bytes(index.captions))
+    storage.write_bytes(storage.join(uri, MANIFEST), json.dumps(index.manifest, indent=1).encode())
+
+
+def read_manifest(uri: str) -> dict[str, Any]:
+    path = storage.join(uri, MANIFEST)
+    if not storage.exists(path):
+        raise FileNotFoundError(f"{uri}: no index here (no {MANIFEST}); build one with `harma index build`")
+    return json.loads(storage.read_bytes(path))
+
+
+def load_index(uri: str) -> EmbeddingIndex:
+    manifest = read_manifest(uri)
+    image_emb = np.load(io.BytesIO(storage.read_bytes(storage.join(uri, "images.npy"))), allow_pickle=False)
+    images = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(uri, "images.parquet")))).to_pydict()
+    caption_emb = captions = None
+    if manifest.get("captions", 0):
+        caption_emb = np.load(io.BytesIO(storage.read_bytes(storage.join(uri, "captions.npy"))),
+                              allow_pickle=False)
+        captions = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(uri, "captions.parquet")))).to_pydict()
+    return EmbeddingIndex(manifest, image_emb, images, caption_emb, captions)

@@ -1,0 +1,109 @@
+"""Request parsing of the HTTP API: every client mistake is a 4xx ApiError with a clear message."""
+
+import base64
+import io
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from harma.serve.api import (
+    ApiError,
+    Limits,
+    ServeArgs,
+    decode_base64,
+    parse_image_json,
+    parse_image_params,
+    parse_text_query,
+)
+from harma.serve.encoder import UnreadableImageError, decode_query_image
+
+LIMITS = Limits(max_top_k=20, max_text_chars=50)
+JSON = "application/json"
+
+
+def _png(w=40, h=30):
+    buf = io.BytesIO()
+    Image.fromarray(np.full((h, w, 3), 120, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_text_query_ok():
+    q = parse_text_query(b'{"text": "two bridges", "k": 5, "filters": {"split": ["test"]}}', JSON + "; charset=utf-8", LIMITS)
+    assert (q.text, q.k, q.filters, q.include_thumbnails) == ("two bridges", 5, {"split": ["test"]}, False)
+
+
+@pytest.mark.parametrize("body, ctype, status, message", [
+    (b'{"text": "x"}', "text/plain", 415, "expected Content-Type application/json"),
+    (b'{"text": "x"}', None, 415, "got 'none'"),
+    (b'\xff\xfe{"text": 1}', JSON, 400, "not valid UTF-8"),
+    (b'{"text": "x",', JSON, 400, "malformed JSON"),
+    (b'', JSON, 400, "body is empty"),
+    (b'["x"]', JSON, 422, "must be a JSON object, got list"),
+    (b'{"txt": "x"}', JSON, 422, "text: Field required"),
+    (b'{"text": "x", "extra": 1}', JSON, 422, "extra: Extra inputs are not permitted"),
+    (b'{"text": "   "}', JSON, 422, "text is empty"),
+    (b'{"text": "' + b"a" * 51 + b'"}', JSON, 422, "text has 51 characters; the limit is 50"),
+    (b'{"text": "x", "k": 0}', JSON, 422, "k must be between 1 and 20, got 0"),
+    (b'{"text": "x", "k": 21}', JSON, 422, "got 21"),
+    (b'{"text": "x", "k": "many"}', JSON, 422, "k: Input should be a valid integer"),
+    (b'{"text": "x", "filters": {"colour": "red"}}', JSON, 422, "cannot filter on 'colour'"),
+    (b'{"text": "x", "filters": {"split": []}}', JSON, 422, "empty list"),
+])
+def test_text_query_errors(body, ctype, status, message):
+    with pytest.raises(ApiError) as err:
+        parse_text_query(body, ctype, LIMITS)
+    assert err.value.status == status
+    assert message in err.value.message
+
+
+def test_image_json_and_base64():
+    png = _png()
+    body = (f'{{"image_base64": "{base64.b64encode(png).decode()}", "k": 3}}').encode()
+    query, data = parse_image_json(body, JSON, LIMITS)
+    assert data == png and query.k == 3
+    assert decode_base64("data:image/png;base64," + base64.b64encode(png).decode()) == png
+    with pytest.raises(ApiError, match="not valid base64") as err:
+        decode_base64("@@@not base64@@@")
+    assert err.value.status == 400
+    with pytest.raises(ApiError, match="empty"):
+        decode_base64("")
+
+
+def test_image_params_from_query_string_or_form():
+    q = parse_image_params({"k": "4", "filters": '{"label": "port"}', "include_thumbnails": "true"}, LIMITS)
+    assert (q.k, q.filters, q.include_thumbnails) == (4, {"label": "port"}, True)
+    for params, message in [({"k": "x"}, "k must be an integer"), ({"filters": "{"}, "JSON object"),
+                            ({"kk": "1"}, r"unknown parameter\(s\): kk"), ({"k": "99"}, "between 1 and 20")]:
+        with pytest.raises(ApiError, match=message) as err:
+            parse_image_params(params, LIMITS)
+        assert err.value.status == 422
+
+
+def test_query_image_decoding_and_limits():
+    pixels = decode_query_image(_png(40, 30), 32)
+    assert pixels.shape == (3, 32, 32) and pixels.dtype == np.uint8 and int(pixels[0, 0, 0]) == 120
+    with pytest.raises(UnreadableImageError, match="not a decodable image"):
+        decode_query_image(b"GIF89a-but-not-really", 32)
+    with pytest.raises(UnreadableImageError, match="truncated or corrupt"):
+        decode_query_image(_png()[:60], 32)
+    # A header that claims 100k x 100k pixels is refused before decoding.
+    from harma.serve import encoder
+
+    big = io.BytesIO()
+    Image.new("L", (10, 10)).save(big, format="PNG")
+    raw = bytearray(big.getvalue())
+    for side in (9_000, 100_000):  # above our limit; above PIL's own bomb limit
+        raw[16:24] = side.to_bytes(4, "big") * 2
+        raw[29:33] = zlib.crc32(bytes(raw[12:29])).to_bytes(4, "big")  # keep the IHDR CRC valid
+        with pytest.raises(UnreadableImageError, match="at most 64,000,000 pixels"):
+            decode_query_image(bytes(raw), 32)
+    assert encoder.MAX_IMAGE_PIXELS == 64_000_000
+
+
+def test_serve_args_are_strict():
+    args = ServeArgs(checkpoint_uri="c", index_uri="i")
+    assert args.limits.max_top_k == 100
+    with pytest.raises(ValueError, match="index"):
+        ServeArgs(checkpoint_uri="c", index="i")
