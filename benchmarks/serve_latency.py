@@ -141,14 +141,16 @@ def main() -> None:
     import ray
     from harma.serve.app import Retriever
 
-    ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False)
+    cores = os.cpu_count() or 2
+    ray.init(num_cpus=cores + 2, include_dashboard=True, log_to_driver=False)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     ray.serve.start(http_options={"host": "127.0.0.1", "port": port})
     gpus = 1 if args.device == "cuda" else 0
     app = Retriever.options(num_replicas=1, autoscaling_config=None, max_ongoing_requests=2 * args.batch,
-                            ray_actor_options={"num_cpus": 1, "num_gpus": gpus})
+                            # as many torch threads as the direct path (Ray sets OMP threads = num_cpus)
+                            ray_actor_options={"num_cpus": cores, "num_gpus": gpus})
     ray.serve.run(app.bind({"checkpoint_uri": ckpt, "index_uri": index, "device": args.device,
                             "max_batch_size": args.batch, "batch_wait_timeout_s": 0.002}),
                   name="bench", route_prefix="/")
