@@ -57,15 +57,10 @@ def make_checkpoint_and_index(root: str, arch: str, images: int) -> tuple[str, s
     return ckpt, index
 
 
-def pct(values: list[float]) -> dict[str, float]:
-    arr = np.asarray(values)
-    return {"p50": float(np.percentile(arr, 50)), "p99": float(np.percentile(arr, 99))}
-
-
 def direct_figures(ckpt: str, index_uri: str, device: str, batch: int, seconds: float) -> dict:
     from harma.serve.encoder import QueryEncoder
     from harma.serve.index import load_index, search_batch
-    from harma.serve.loadtest import QUERIES
+    from harma.serve.loadtest import QUERIES, percentiles
 
     enc = QueryEncoder(ckpt, device)
     gallery = torch.from_numpy(load_index(index_uri).image_emb).to(enc.device)
@@ -91,13 +86,13 @@ def direct_figures(ckpt: str, index_uri: str, device: str, batch: int, seconds: 
         search_batch(enc.encode_texts(texts), gallery, [10] * batch, [None] * batch)
         sync()
         done += batch
-    return {"single_ms": pct(single), "batched_qps": done / (time.perf_counter() - t0)}
+    return {"single_ms": percentiles(single), "batched_qps": done / (time.perf_counter() - t0)}
 
 
 def http_figures(url: str, seconds: float, concurrency: int) -> dict:
     import requests
 
-    from harma.serve.loadtest import QUERIES
+    from harma.serve.loadtest import QUERIES, percentiles
 
     session = requests.Session()
     for _ in range(5):
@@ -116,7 +111,7 @@ def http_figures(url: str, seconds: float, concurrency: int) -> dict:
                     "--concurrency", str(concurrency), "--out", out], check=True)
     with open(out) as handle:
         load = json.load(handle)
-    return {"single_ms": pct(single), "saturated_qps": load["qps"], "saturated_latency_ms": load["latency_ms"],
+    return {"single_ms": percentiles(single), "saturated_qps": load["qps"], "saturated_latency_ms": load["latency_ms"],
             "failed": load["failed"]}
 
 

@@ -133,9 +133,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _eval_job(args)
     if not args.checkpoint:
         raise ConfigError("give --checkpoint URI or --config FILE with an eval: section")
-    from harma import storage
     from harma.data.local import eval_arrays, load_split
-    from harma.eval import format_table
     from harma.model.backbone import build_tokenizer
     from harma.model.checkpoint import load_checkpoint
     from harma.train.evaluate import evaluate_arrays
@@ -147,10 +145,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     images, tokens = eval_arrays(split, model.arch.image_size, build_tokenizer(model.arch.name),
                                  cfg.data.max_words)
     metrics = evaluate_arrays(model, images, tokens, split.caption_image)
-    print(format_table({f"{split_name} ({len(split.images)} img)": metrics}))
     result = {"checkpoint": args.checkpoint, "data": root, "split": split_name,
               "images": len(split.images), "captions": len(split), "metrics": metrics}
-    out = args.out or storage.join(args.checkpoint, f"eval_{split_name}.json")
+    return _report_eval(f"{split_name} ({len(split.images)} img)", result, args.out)
+
+
+def _report_eval(label: str, result: dict, out: str | None) -> int:
+    """Print an eval's table and write its JSON (default: <checkpoint>/eval_<split>.json)."""
+    from harma import storage
+    from harma.eval import format_table
+
+    print(format_table({label: result["metrics"]}))
+    out = out or storage.join(result["checkpoint"], f"eval_{result['split']}.json")
     storage.write_bytes(out, json.dumps(result, indent=1).encode())
     print(f"wrote {out}")
     return 0
@@ -158,8 +164,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _eval_job(args: argparse.Namespace) -> int:
     """`harma eval --config FILE`: the eval: section against prepared shards (a Ray-free job)."""
-    from harma import storage
-    from harma.eval import format_table
     from harma.model.checkpoint import read_checkpoint_config
     from harma.train.driver import evaluate_checkpoint
 
@@ -171,12 +175,8 @@ def _eval_job(args: argparse.Namespace) -> int:
     if not prepared:
         raise ConfigError("eval.prepared_uri is not set and the checkpoint's config has no data.prepared_uri")
     metrics = evaluate_checkpoint(job.checkpoint_uri, prepared, job.split)
-    print(format_table({job.split: metrics}))
-    out = job.out or storage.join(job.checkpoint_uri, f"eval_{job.split}.json")
-    storage.write_bytes(out, json.dumps({"checkpoint": job.checkpoint_uri, "data": prepared, "split": job.split,
-                                         "metrics": metrics}, indent=1).encode())
-    print(f"wrote {out}")
-    return 0
+    return _report_eval(job.split, {"checkpoint": job.checkpoint_uri, "data": prepared, "split": job.split,
+                                    "metrics": metrics}, job.out)
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:

@@ -197,8 +197,7 @@ def list_jobs(address: str | None) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["start"] or 0)
 
 
-def job_status(address: str | None, job_id: str) -> dict[str, Any]:
-    client = connect(address)
+def _job_info(client, address: str | None, job_id: str) -> dict[str, Any]:
     try:
         info = client.get_job_info(job_id)
     except RuntimeError as err:
@@ -207,9 +206,13 @@ def job_status(address: str | None, job_id: str) -> dict[str, Any]:
             "entrypoint": info.entrypoint}
 
 
+def job_status(address: str | None, job_id: str) -> dict[str, Any]:
+    return _job_info(connect(address), address, job_id)
+
+
 def job_logs(address: str | None, job_id: str, follow: bool = False) -> None:
     client = connect(address)
-    job_status(address, job_id)
+    _job_info(client, address, job_id)  # a clear error for an unknown id
     if follow:
         follow_logs(client, job_id)
     else:
@@ -218,5 +221,5 @@ def job_logs(address: str | None, job_id: str, follow: bool = False) -> None:
 
 def stop_job(address: str | None, job_id: str) -> bool:
     client = connect(address)
-    job_status(address, job_id)
+    _job_info(client, address, job_id)
     return bool(client.stop_job(job_id))

@@ -213,7 +213,7 @@ class Retriever:
             log.info("index replaced: %s (%d images)", uri, loaded.index.size)
 
     def check_health(self) -> None:
-        if self.state is None or not self.state.index.size:
+        if not self.state.index.size:
             raise RuntimeError("no index loaded")
 
     # --- auth ----------------------------------------------------------------------------------
@@ -271,7 +271,7 @@ class Retriever:
             else:
                 hit = index.image_result(row, score)
                 if job.thumbnails:
-                    thumb = index.images.get("thumbnail", [b""] * index.size)[row]
+                    thumb = index.thumbnail(hit["id"])
                     hit["thumbnail"] = ("data:image/jpeg;base64," + base64.b64encode(thumb).decode()) if thumb else None
             results.append({"rank": rank, **hit})
         return {"results": results, "index": {"fingerprint": index.manifest["checkpoint_fingerprint"],

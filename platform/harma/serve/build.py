@@ -28,10 +28,9 @@ from harma.serve.index import FORMAT, EmbeddingIndex, checkpoint_fingerprint, sa
 log = logging.getLogger(__name__)
 
 
-def _thumbnail(pixels_source: bytes, size: int) -> bytes:
-    from harma.data.transforms import decode_image
-
-    img = decode_image(pixels_source)
+def _thumbnail(img, size: int) -> bytes:
+    """JPEG bytes of a copy of PIL image `img` fitted into size x size."""
+    img = img.copy()
     img.thumbnail((size, size))
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=85)
@@ -48,13 +47,15 @@ class ImageEmbedder:
         self.thumbnail_size = thumbnail_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from harma.serve.encoder import UnreadableImageError
+        from harma.data.transforms import eval_uint8
+        from harma.serve.encoder import UnreadableImageError, open_query_image
 
         pixels, ok, thumbs = [], [], []
         for data in batch["image"]:
             try:
-                pixels.append(self.encoder.preprocess(bytes(data)))
-                thumbs.append(_thumbnail(bytes(data), self.thumbnail_size) if self.thumbnail_size else b"")
+                img = open_query_image(bytes(data))  # decoded once for the pixels and the thumbnail
+                pixels.append(eval_uint8(img, self.encoder.image_size))
+                thumbs.append(_thumbnail(img, self.thumbnail_size) if self.thumbnail_size else b"")
                 ok.append(True)
             except UnreadableImageError:
                 ok.append(False)

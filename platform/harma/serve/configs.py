@@ -10,6 +10,7 @@ every application built by `harma.serve.app:build_app` with `ServeArgs`. No torc
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,7 @@ def load_serve_config(path: str | Path) -> dict[str, Any]:
 
 def resolve_local_paths(raw: dict[str, Any]) -> dict[str, Any]:
     """A copy whose harma apps' local checkpoint/index paths are absolute (replicas run elsewhere)."""
-    out = yaml.safe_load(yaml.safe_dump(raw))
+    out = copy.deepcopy(raw)
     for app in out.get("applications") or []:
         if app.get("import_path") == HARMA_IMPORT_PATH:
             args = app.setdefault("args", {})

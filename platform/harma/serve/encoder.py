@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from harma.data.transforms import decode_image, eval_uint8, normalize_pixels, tokenize
+from harma.data.transforms import eval_uint8, normalize_pixels, tokenize
 
 # Reject images whose header claims more pixels than this before decoding them (decompression bombs).
 MAX_IMAGE_PIXELS = 64_000_000
@@ -35,21 +35,27 @@ class UnreadableImageError(ValueError):
     """Bytes that are not a decodable image of an allowed size."""
 
 
-def decode_query_image(data: bytes, size: int) -> np.ndarray:
-    """Image bytes -> (3, size, size) uint8, checking the header's pixel count before decoding."""
+def open_query_image(data: bytes) -> Image.Image:
+    """Image bytes -> RGB PIL image, opened once; the header's pixel count is checked before decoding."""
     try:
-        with Image.open(io.BytesIO(data)) as probe:
-            width, height = probe.size
+        img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
         raise UnreadableImageError(f"image is too large; at most {MAX_IMAGE_PIXELS:,} pixels") from None
     except (OSError, ValueError) as err:
         raise UnreadableImageError("the bytes are not a decodable image (PNG, JPEG, TIFF, WebP ...)") from err
+    width, height = img.size
     if width * height > MAX_IMAGE_PIXELS:
         raise UnreadableImageError(f"image is {width}x{height}; at most {MAX_IMAGE_PIXELS:,} pixels")
     try:
-        return eval_uint8(decode_image(data), size)
+        img.load()
+        return img.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise UnreadableImageError("the image could not be decoded (truncated or corrupt)") from err
+
+
+def decode_query_image(data: bytes, size: int) -> np.ndarray:
+    """Image bytes -> (3, size, size) uint8 at the model's size (raises UnreadableImageError)."""
+    return eval_uint8(open_query_image(data), size)
 
 
 class QueryEncoder:

@@ -119,10 +119,10 @@ class EmbeddingIndex:
 
     def caption_mask(self, filters: dict[str, str | list[str]] | None) -> np.ndarray | None:
         """Captions whose image matches the filters."""
+        if self.captions is None:
+            return None
         mask = self.image_mask(filters)
-        if mask is None or self.captions is None:
-            return mask if self.captions is not None else None
-        return mask[np.asarray(self.captions["image_row"], dtype=np.int64)]
+        return None if mask is None else mask[np.asarray(self.captions["image_row"], dtype=np.int64)]
 
     def image_result(self, row: int, score: float) -> dict[str, Any]:
         return {"id": self.images["id"][row], "score": score,
