@@ -110,6 +110,25 @@ def test_smoke_job_succeeds_and_checkpoints_then_a_failing_job_fails(head, store
     assert status.returncode == 1 and "FAILED" in status.stdout
 
 
+def test_no_wait_then_stop(head, store, tmp_path):
+    started = _harma(["submit", "jobs/smoke_train.yaml", f"data.prepared_uri={store}",
+                      f"run.output_dir={tmp_path / 'runs'}", "run.name=smoke-stop", "train.epochs=50",
+                      "--no-wait", "--address", head["address"]], head["token"], tmp_path)
+    assert started.returncode == 0, started.stderr[-2000:]
+    job_id = started.stdout.split("submitted ", 1)[1].split(":", 1)[0]
+    assert "job " + job_id + ":" not in started.stdout  # returned without waiting for the end
+    stopped = _harma(["jobs", "stop", job_id, "--address", head["address"]], head["token"], tmp_path)
+    assert stopped.returncode == 0 and f"{job_id}: stop requested" in stopped.stdout
+    deadline = time.time() + 60
+    status = None
+    while time.time() < deadline:
+        status = _harma(["jobs", "status", job_id, "--address", head["address"]], head["token"], tmp_path)
+        if "STOPPED" in status.stdout:
+            break
+        time.sleep(2)
+    assert "STOPPED" in status.stdout and status.returncode == 1
+
+
 def _job_count(head, tmp_path) -> int:
     listed = _harma(["jobs", "list", "--address", head["address"]], head["token"], tmp_path)
     assert listed.returncode == 0, listed.stderr

@@ -100,7 +100,9 @@ def corpus(ray_cluster, synth_root, tmp_path_factory, tiny_model_config):
     from harma.data.prepare import prepare_dataset
     from harma.model.checkpoint import save_checkpoint
     from harma.model.harma import build_model
+    from harma.cli import main
     from harma.serve.build import build_index
+    from harma.serve.index import read_manifest
 
     root = tmp_path_factory.mktemp("serve")
     store = str(root / "store")
@@ -111,8 +113,11 @@ def corpus(ray_cluster, synth_root, tmp_path_factory, tiny_model_config):
     save_checkpoint(ckpt_b, build_model(cfg.model, seed=1), cfg, {})
     full = build_index(IndexConfig(checkpoint_uri=ckpt_a, corpus_uri=store, splits=["train", "val", "test"],
                                    output_uri=str(root / "index-all"), batch_size=16))
-    test_only = build_index(IndexConfig(checkpoint_uri=ckpt_a, corpus_uri=store, splits=["test"],
-                                        output_uri=str(root / "index-test"), captions=False))
+    # The second through the CLI and the job file users run.
+    assert main(["index", "build", "--config", str(REPO / "jobs" / "index_synth.yaml"),
+                 f"index.checkpoint_uri={ckpt_a}", f"index.corpus_uri={store}",
+                 f"index.output_uri={root / 'index-test'}", "index.captions=false"]) == 0
+    test_only = read_manifest(str(root / "index-test"))
     return {"root": root, "store": store, "a": ckpt_a, "b": ckpt_b, "full": full, "test": test_only,
             "index_all": str(root / "index-all"), "index_test": str(root / "index-test"), "data": synth_root}
 

@@ -47,3 +47,28 @@ def test_data_synth_then_eval_a_checkpoint(tmp_path, capsys, tiny_model_config):
 def test_eval_of_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(tmp_path / "nope")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_eval_job_file_scores_prepared_shards_like_the_local_split(tmp_path, capsys, tiny_model_config):
+    from harma.config import PlatformConfig
+    from harma.data.prepare import prepare_dataset
+    from harma.model import build_model
+    from harma.model.checkpoint import save_checkpoint
+
+    data, store, ckpt = tmp_path / "data", tmp_path / "store", tmp_path / "ckpt"
+    assert main(["data", "synth", "--out", str(data), "--images", "20", "--seed", "1"]) == 0
+    prepare_dataset(str(data), str(store), ["test"])
+    cfg = PlatformConfig(model=tiny_model_config).with_overrides({"data.root": str(data)})
+    save_checkpoint(str(ckpt), build_model(cfg.model), cfg, {})
+    assert main(["eval", "--checkpoint", str(ckpt), "--split", "test", "--out", str(tmp_path / "local.json")]) == 0
+    job = tmp_path / "eval.yaml"
+    job.write_text(f"run: {{name: e}}\neval: {{checkpoint_uri: {ckpt}, prepared_uri: {store}}}\n")
+    assert main(["eval", "--config", str(job)]) == 0
+    from_job = json.loads((ckpt / "eval_test.json").read_text())
+    assert from_job["data"] == str(store) and from_job["split"] == "test"
+    assert from_job["metrics"] == json.loads((tmp_path / "local.json").read_text())["metrics"]
+    capsys.readouterr()
+    assert main(["eval", "--config", str(REPO / "jobs" / "train_synth.yaml")]) == 2
+    assert "no eval: section" in capsys.readouterr().err
+    assert main(["eval"]) == 2
+    assert "give --checkpoint URI or --config FILE" in capsys.readouterr().err
