@@ -380,13 +380,22 @@ def test_index_swap_under_load_needs_no_restart_and_drops_nothing(service, tmp_p
     deadline = time.time() + 60
     while time.time() < deadline and requests.get(url + "v1/info", timeout=30).json()["index"]["images"] != 6:
         time.sleep(0.5)
+    # While the load still runs: the replica that served before the swap still serves, now from the
+    # new index, i.e. it was reconfigured in place, not restarted (the autoscaler may have added a
+    # replica under the load meanwhile, which starts with the new index).
+    seen: dict[str, int] = {}  # replica -> images it reported last
+    deadline = time.time() + 30
+    while time.time() < deadline and not (replicas_before & set(seen) and set(seen.values()) == {6}):
+        info = requests.get(url + "v1/info", timeout=30).json()
+        seen[info["replica"]] = info["index"]["images"]
     load.communicate(timeout=120)
     _stop(swap)
     summary = json.loads(out.read_text())
+    assert replicas_before & set(seen), (replicas_before, seen)
+    assert set(seen.values()) == {6}, seen
     info = requests.get(url + "v1/info", timeout=30).json()
     assert info["index_uri"] == service["index_test"] and info["index"]["images"] == 6
     assert summary["failed"] == 0 and summary["ok"] > 20, summary
-    assert info["replica"] in replicas_before  # the same replica: reconfigured, not restarted
     # Back to the full index for the other tests (also without a restart).
     back = _harma_serve(_serve_config(tmp_path / "back.yaml", service["port"], service["a"], service["index_all"],
                                       user_index=service["index_all"]))
@@ -403,6 +412,9 @@ def test_autoscaling_and_a_killed_replica_under_load(service, tmp_path):
     import ray
 
     url = service["url"]
+    deadline = time.time() + 60  # an earlier test's load may have scaled up; wait for the quiet state
+    while time.time() < deadline and _running_replicas() != 1:
+        time.sleep(1)
     assert _running_replicas() == 1
     out = tmp_path / "load.json"
     load = _load(url, 40, 12, out)
