@@ -96,11 +96,11 @@ def _load(url: str, seconds: float, concurrency: int, out: Path) -> subprocess.P
 @pytest.fixture(scope="module")
 def corpus(ray_cluster, synth_root, tmp_path_factory, tiny_model_config):
     """Prepared shards, two different checkpoints, an index of all images and one of test only."""
+    from harma.cli import main
     from harma.config import IndexConfig, PlatformConfig
     from harma.data.prepare import prepare_dataset
     from harma.model.checkpoint import save_checkpoint
     from harma.model.harma import build_model
-    from harma.cli import main
     from harma.serve.build import build_index
     from harma.serve.index import read_manifest
 
