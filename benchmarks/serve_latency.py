@@ -4,12 +4,13 @@
         [--seconds 15] [--concurrency 32] [--device cpu] [--out benchmarks/results/serve_latency.json]
 
 Same process, same run, same checkpoint and index (random weights, random unit embeddings: cost
-does not depend on their values):
+does not depend on their values), both measured while Ray and Serve run:
 * low load, one query at a time: direct `encode_texts` + `search_batch` p50/p99 vs
   sequential HTTP POST /v1/text-to-images p50/p99 -> Serve overhead at p50 (target <= 3 ms);
 * saturation: direct batched throughput (batches of `max_batch_size` queries, encode + one matrix
   product) vs HTTP queries/s from `concurrency` closed-loop clients in a separate process
-  (`harma.serve.loadtest`) against one replica with dynamic batching (target >= 0.7).
+  (`harma.serve.loadtest`) against one replica with dynamic batching (target >= 0.7); the
+  replica's forward passes and queries per pass during the load come from /v1/info.
 On the H100: `--arch ViT-B-32 --images 100000 --device cuda`.
 """
 
@@ -106,13 +107,18 @@ def http_figures(url: str, seconds: float, concurrency: int) -> dict:
         single.append((time.perf_counter() - t) * 1000)
         assert response.status_code == 200, response.text
         i += 1
+    before = session.get(url + "v1/info").json()["batching"]
     out = os.path.join(tempfile.mkdtemp(), "load.json")
     subprocess.run([sys.executable, "-m", "harma.serve.loadtest", "--url", url, "--seconds", str(seconds),
                     "--concurrency", str(concurrency), "--out", out], check=True)
     with open(out) as handle:
         load = json.load(handle)
+    after = session.get(url + "v1/info").json()["batching"]
+    passes = after["text_forward_passes"] - before["text_forward_passes"]
+    queries = after["text_queries"] - before["text_queries"]
+    batching = {"forward_passes": passes, "mean_batch": queries / max(1, passes)}  # during the load only
     return {"single_ms": percentiles(single), "saturated_qps": load["qps"], "saturated_latency_ms": load["latency_ms"],
-            "failed": load["failed"]}
+            "failed": load["failed"], "batching": batching}
 
 
 def main() -> None:
@@ -122,6 +128,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--batch", type=int, default=32, help="max_batch_size of the replica")
+    parser.add_argument("--batch-wait", type=float, default=0.0, help="batch_wait_timeout_s of the replica")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="benchmarks/results/serve_latency.json")
     args = parser.parse_args()
@@ -129,7 +136,6 @@ def main() -> None:
     os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="hr-"))
     root = tempfile.mkdtemp(prefix="harma-serve-bench-")
     ckpt, index = make_checkpoint_and_index(root, args.arch, args.images)
-    direct = direct_figures(ckpt, index, args.device, args.batch, args.seconds)
 
     import ray.serve
 
@@ -137,7 +143,7 @@ def main() -> None:
     from harma.serve.app import Retriever
 
     cores = os.cpu_count() or 2
-    ray.init(num_cpus=cores + 2, include_dashboard=True, log_to_driver=False)
+    ray.init(num_cpus=cores + 2, include_dashboard=False, log_to_driver=False)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -147,8 +153,11 @@ def main() -> None:
                             # as many torch threads as the direct path (Ray sets OMP threads = num_cpus)
                             ray_actor_options={"num_cpus": cores, "num_gpus": gpus})
     ray.serve.run(app.bind({"checkpoint_uri": ckpt, "index_uri": index, "device": args.device,
-                            "max_batch_size": args.batch, "batch_wait_timeout_s": 0.002}),
+                            "max_batch_size": args.batch, "batch_wait_timeout_s": args.batch_wait}),
                   name="bench", route_prefix="/")
+    # Both sides measured while Ray and Serve run (the replica idle during the direct part), so
+    # the background of Ray's own processes weighs on both.
+    direct = direct_figures(ckpt, index, args.device, args.batch, args.seconds)
     http = http_figures(f"http://127.0.0.1:{port}/", args.seconds, args.concurrency)
     ray.serve.shutdown()
     ray.shutdown()
@@ -156,7 +165,7 @@ def main() -> None:
     overhead = http["single_ms"]["p50"] - direct["single_ms"]["p50"]
     ratio = http["saturated_qps"] / direct["batched_qps"]
     result = {"arch": args.arch, "images": args.images, "device": args.device, "batch": args.batch,
-              "concurrency": args.concurrency, "cpu_count": os.cpu_count(), "direct": direct, "http": http,
+              "concurrency": args.concurrency, "batch_wait_timeout_s": args.batch_wait, "cpu_count": os.cpu_count(), "direct": direct, "http": http,
               "overhead_p50_ms": overhead, "throughput_ratio": ratio,
               "targets": {"overhead_p50_ms": 3.0, "throughput_ratio": 0.7}}
     rows = [("low load p50 (ms)", direct["single_ms"]["p50"], http["single_ms"]["p50"]),
@@ -167,6 +176,8 @@ def main() -> None:
     print(f"{'':>22} {'direct':>10} {'HTTP/Serve':>11}")
     for name, d, h in rows:
         print(f"{name:>22} {d:>10.2f} {h:>11.2f}")
+    print(f"at saturation the replica ran {http['batching']['forward_passes']} forward passes, "
+          f"{http['batching']['mean_batch']:.1f} queries each")
     print(f"Serve overhead at p50: {overhead:.2f} ms (target <= 3); throughput ratio {ratio:.2f} (target >= 0.7); "
           f"failed requests {http['failed']}")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

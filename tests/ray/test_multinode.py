@@ -1,4 +1,4 @@
-"""Training across two Ray nodes (ray.cluster_utils.Cluster, in a separate process)."""
+"""Training across Ray nodes (ray.cluster_utils.Cluster, each scenario in a separate process)."""
 
 import json
 import os
@@ -8,20 +8,49 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from harma.data.prepare import prepare_dataset
 
 
-def test_trains_across_two_nodes(tmp_path, synth_root):
-    prepare_dataset(synth_root, str(tmp_path / "prep"), ["train", "val", "test"])
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, synth_root):
+    out = tmp_path_factory.mktemp("multinode") / "prep"
+    prepare_dataset(synth_root, str(out), ["train", "val", "test"])
+    return str(out)
+
+
+def run_scenario(script: str, prepared: str, runs: Path) -> dict:
+    """Run tests/ray/<script> with its own Ray cluster; its last `RESULT {json}` line."""
     ray_tmp = tempfile.mkdtemp(prefix="hr-")  # short: Ray's unix socket paths must stay < 108 bytes
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("multinode_run.py")), str(tmp_path / "prep"),
-         str(tmp_path / "runs")], capture_output=True, text=True, timeout=400, env=env)
-    shutil.rmtree(ray_tmp, ignore_errors=True)
+    try:
+        proc = subprocess.run([sys.executable, str(Path(__file__).with_name(script)), prepared, str(runs)],
+                              capture_output=True, text=True, timeout=600, env=env)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(lines[-1][len("RESULT "):])
+    print(f"{script}: {result}")  # shown with -s
+    return result
+
+
+def test_trains_across_two_nodes(tmp_path, prepared):
+    result = run_scenario("multinode_run.py", prepared, tmp_path / "runs")
     assert result["steps"] == 8
     assert len(set(result["nodes"])) == 2
     assert set(result["nodes"]) == set(result["worker_nodes"])
+
+
+def test_elastic_run_grows_when_a_node_joins(tmp_path, prepared):
+    result = run_scenario("elastic_run.py", prepared, tmp_path / "runs")
+    assert result["checkpoints_before"] >= 1  # the node joined after a checkpoint at 1 worker
+    assert result["steps"] == 6 * 8  # every step of the run, none lost to the resize
+    assert result["world_size"] == 2
+    assert set(result["nodes"]) == set(result["node_ids"])  # the new node got the second worker
+    grown = [r for r in result["restarts"] if r["world_size"] == 2]
+    assert grown, result["restarts"]
+    # resumed from a checkpoint written at 1 worker, not from scratch
+    assert grown[0]["resumed_at_step"] >= 8
+    assert grown[0]["resumed_at_step"] % 8 == 0

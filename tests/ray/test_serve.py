@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -239,6 +240,25 @@ def test_text_image_and_caption_search_over_http(service):
     assert {"/v1/text-to-images", "/v1/image-to-images", "/v1/image-to-captions", "/v1/info",
             "/healthz"} <= set(spec["paths"])
     assert "text" in spec["paths"]["/v1/text-to-images"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
+
+
+def test_concurrent_queries_share_forward_passes_without_mixing_answers(service):
+    url = service["url"]
+    texts = [f"{n} storage tanks next to a river" for n in range(1, 25)]
+    alone = [requests.post(url + "v1/text-to-images", json={"text": t, "k": 5}, timeout=30).json()["results"]
+             for t in texts]
+    replicas_before = _replicas()
+    before = requests.get(url + "v1/info", timeout=30).json()["batching"]
+    with ThreadPoolExecutor(len(texts)) as pool:
+        together = list(pool.map(lambda t: requests.post(url + "v1/text-to-images", json={"text": t, "k": 5},
+                                                         timeout=60).json()["results"], texts))
+    for a, b in zip(alone, together, strict=True):  # each answer is its own query's, batched or not
+        assert [h["id"] for h in a] == [h["id"] for h in b]
+        assert [h["score"] for h in a] == pytest.approx([h["score"] for h in b], abs=1e-5)
+    if replicas_before == _replicas() == {"RUNNING": 1}:  # one replica served all: its counters say so
+        after = requests.get(url + "v1/info", timeout=30).json()["batching"]
+        assert after["text_queries"] - before["text_queries"] == len(texts)
+        assert 1 <= after["text_forward_passes"] - before["text_forward_passes"] <= len(texts)
 
 
 BAD_REQUESTS = [

@@ -49,7 +49,9 @@ class ServeArgs(BaseModel):
     max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Larger bodies get 413.")
     api_key_env: str = Field("HARMA_API_KEY", description="Env var holding the API key; unset = no auth.")
     max_batch_size: int = Field(32, ge=1, description="Queries encoded and searched together.")
-    batch_wait_timeout_s: float = Field(0.005, ge=0, description="How long a batch waits to fill.")
+    batch_wait_timeout_s: float = Field(
+        0.0, ge=0, description="How long an idle replica holds a first query for company (batches "
+        "fill anyway while a forward pass runs: the queries arriving meanwhile form the next one).")
 
     @property
     def limits(self) -> Limits:
