@@ -33,7 +33,6 @@ import hmac
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -178,21 +177,20 @@ class Retriever:
     """Query encoder + index + HTTP API in one replica (see the module docstring)."""
 
     def __init__(self, args: dict[str, Any]):
-        from harma.serve.encoder import QueryEncoder
+        from harma.serve.encoder import ModelThread, QueryEncoder
         from harma.serve.index import checkpoint_fingerprint
 
         self.args = ServeArgs.model_validate(args)
         self.limits = self.args.limits
-        # Every torch computation of the replica runs on this one thread, model loading included:
-        # with torch's OpenMP backend each thread that runs a parallel op gets its own OpenMP team,
-        # and a second, idle team slowed ViT-B-32 text queries on CPU by ~40% (58 -> 80 ms).
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="harma-model")
-        self.encoder = self._pool.submit(QueryEncoder, self.args.checkpoint_uri, self.args.device).result()
+        # Every torch computation of the replica runs on one thread, model loading included (see
+        # ModelThread: a second OpenMP team slowed ViT-B-32 queries on CPU by ~40%).
+        self._model_thread = ModelThread()
+        self.encoder = self._model_thread.call(QueryEncoder, self.args.checkpoint_uri, self.args.device)
         self.fingerprint = checkpoint_fingerprint(self.args.checkpoint_uri)
         self._api_key = os.environ.get(self.args.api_key_env, "").encode()
         self.state = self._load(self.args.index_uri)
         size = self.args.max_batch_size
-        self._coalescers = {kind: BatchCoalescer(functools.partial(self._answer, kind), self._pool, size)
+        self._coalescers = {kind: BatchCoalescer(functools.partial(self._answer, kind), self._model_thread.executor, size)
                             for kind in ("text", "image")}
         self._text_batch.set_max_batch_size(self.args.max_batch_size)
         self._image_batch.set_max_batch_size(self.args.max_batch_size)

@@ -41,9 +41,10 @@ class ImageEmbedder:
     """Ray Data actor: image rows -> embeddings (+ thumbnails); undecodable rows flagged."""
 
     def __init__(self, checkpoint_uri: str, device: str, thumbnail_size: int):
-        from harma.serve.encoder import QueryEncoder
+        from harma.serve.encoder import ModelThread, QueryEncoder
 
-        self.encoder = QueryEncoder(checkpoint_uri, device)
+        self.model_thread = ModelThread()  # __call__ runs on another thread than __init__
+        self.encoder = self.model_thread.call(QueryEncoder, checkpoint_uri, device)
         self.thumbnail_size = thumbnail_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -63,23 +64,30 @@ class ImageEmbedder:
         dim = self.encoder.embed_dim
         emb = np.zeros((len(ok), dim), np.float32)
         if pixels:
-            emb[np.array(ok)] = self.encoder.encode_pixels(np.stack(pixels)).cpu().numpy()
+            emb[np.array(ok)] = self.model_thread.call(self._embed_pixels, np.stack(pixels))
         out = {k: v for k, v in batch.items() if k != "image"}
         out.update(embedding=emb, ok=np.array(ok), thumbnail=np.array(thumbs, dtype=object))
         return out
+
+    def _embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        return self.encoder.encode_pixels(pixels).cpu().numpy()
 
 
 class TextEmbedder:
     """Ray Data actor: caption rows -> embeddings."""
 
     def __init__(self, checkpoint_uri: str, device: str):
-        from harma.serve.encoder import QueryEncoder
+        from harma.serve.encoder import ModelThread, QueryEncoder
 
-        self.encoder = QueryEncoder(checkpoint_uri, device)
+        self.model_thread = ModelThread()
+        self.encoder = self.model_thread.call(QueryEncoder, checkpoint_uri, device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        emb = self.encoder.encode_texts([str(c) for c in batch["caption"]]).cpu().numpy()
+        emb = self.model_thread.call(self._embed_texts, [str(c) for c in batch["caption"]])
         return {**batch, "embedding": emb}
+
+    def _embed_texts(self, captions: list[str]) -> np.ndarray:
+        return self.encoder.encode_texts(captions).cpu().numpy()
 
 
 def _prepared_files(cfg: IndexConfig) -> list[str]:
