@@ -135,3 +135,18 @@ def test_wrong_result_count_is_an_error_not_a_misaligned_answer():
 def test_max_items_must_be_positive():
     with pytest.raises(ValueError, match="max_items must be >= 1"):
         BatchCoalescer(lambda items: items, ThreadPoolExecutor(1), max_items=0)
+
+
+def test_serves_batch_size_warning_is_dropped_and_nothing_else():
+    import logging
+
+    from harma.serve.app import _CoalescedBatchesFilter
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("ray.serve", logging.WARNING, __file__, 1, message, None, None)
+
+    keep = _CoalescedBatchesFilter().filter
+    assert not keep(record("`max_batch_size` (32) * `max_concurrent_batches` (1024) is larger than "
+                           "`max_ongoing_requests` (64). This means the replica will never achieve ..."))
+    assert keep(record("Replica failed health check"))
+    assert keep(record("max_ongoing_requests is 64"))

@@ -156,6 +156,16 @@ class _Loaded:
 _CONCURRENT_BATCHES = 1024
 
 
+class _CoalescedBatchesFilter(logging.Filter):
+    """Drops Serve's warning that max_batch_size * max_concurrent_batches exceeds
+    max_ongoing_requests: it assumes each Serve batch is a forward pass of its own, which the
+    BatchCoalescer makes untrue (the batches waiting for the model become one forward pass)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("max_concurrent_batches" in message and "max_ongoing_requests" in message)
+
+
 def _page_html() -> str:
     return resources.files("harma.serve").joinpath("page.html").read_text()
 
@@ -182,6 +192,7 @@ class Retriever:
 
         self.args = ServeArgs.model_validate(args)
         self.limits = self.args.limits
+        logging.getLogger("ray.serve").addFilter(_CoalescedBatchesFilter())  # before the first batch
         # Every torch computation of the replica runs on one thread, model loading included (see
         # ModelThread: a second OpenMP team slowed ViT-B-32 queries on CPU by ~40%).
         self._model_thread = ModelThread()
