@@ -41,15 +41,19 @@ def run() -> None:
         outcome["error"] = repr(err)
 
 
+def checkpoints() -> list[str]:
+    return glob.glob(os.path.join(out, "grows", "checkpoint_*"))
+
+
 try:
     worker = threading.Thread(target=run)
     worker.start()
     deadline = time.monotonic() + 240
-    while not glob.glob(os.path.join(out, "grows", "checkpoint_*")) and worker.is_alive():
+    while not checkpoints() and worker.is_alive():
         if time.monotonic() > deadline:
             raise TimeoutError("no checkpoint within 240 s")
         time.sleep(0.5)
-    checkpoints_before = len(glob.glob(os.path.join(out, "grows", "checkpoint_*")))
+    checkpoints_before = len(checkpoints())
     second_node = cluster.add_node(num_cpus=2)
     print(f"ADDED node after {checkpoints_before} checkpoint(s)", flush=True)
     worker.join(timeout=300)

@@ -43,7 +43,7 @@ def test_lone_group_runs_at_once_and_keeps_order():
     out, coalescer = asyncio.run(main())
     assert out == ["A", "B", "C"]
     assert model.calls == [["a", "b", "c"]]
-    assert (coalescer.calls, coalescer.items, coalescer.mean_batch) == (1, 3, 3.0)
+    assert (coalescer.calls, coalescer.items) == (1, 3)
 
 
 def test_groups_arriving_during_a_call_merge_into_the_next_one():
@@ -62,7 +62,7 @@ def test_groups_arriving_during_a_call_merge_into_the_next_one():
     assert model.calls == [["a"], ["b", "c", "d", "e"]]  # 2 forward passes for 4 groups
     assert first == ["A"]
     assert later == [["B"], ["C", "D"], ["E"]]  # each submitter gets its own slice
-    assert coalescer.mean_batch == 2.5
+    assert (coalescer.calls, coalescer.items) == (2, 5)  # 2.5 queries per forward pass
 
 
 def test_a_call_never_exceeds_max_items_nor_splits_a_group():

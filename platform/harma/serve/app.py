@@ -152,7 +152,8 @@ class _Loaded:
     galleries: dict[str, torch.Tensor]
 
 
-# Above any max_ongoing_requests a replica is given, so Serve never holds a batch back.
+# Far above the max_ongoing_requests of our serve configs (32, 128), so Serve never holds a batch
+# back (with more requests in flight, the surplus batches wait for a slot: slower, still correct).
 _CONCURRENT_BATCHES = 1024
 
 

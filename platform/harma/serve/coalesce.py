@@ -40,10 +40,6 @@ class BatchCoalescer(Generic[T, R]):
         self.calls = 0  # forward passes run
         self.items = 0  # queries they carried
 
-    @property
-    def mean_batch(self) -> float:
-        return self.items / self.calls if self.calls else 0.0
-
     async def submit(self, items: list[T]) -> list[R]:
         """Results for `items`, computed in the next call the model thread makes."""
         if not items:
