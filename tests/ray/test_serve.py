@@ -449,7 +449,8 @@ def test_autoscaling_and_a_killed_replica_under_load(service, tmp_path):
     time.sleep(2)
     victims = [a for a in list_actors(filters=[("class_name", "=", "ServeReplica:harma:Retriever"),
                                                ("state", "=", "ALIVE")])]
-    killed_at = time.time() - t0
+    killed_unix = time.time()
+    killed_at = killed_unix - t0
     ray.kill(ray.get_actor(victims[0].name, namespace="serve"), no_restart=True)
     stdout, _ = load.communicate(timeout=120)
     summary = json.loads(out.read_text())
@@ -457,13 +458,17 @@ def test_autoscaling_and_a_killed_replica_under_load(service, tmp_path):
     while time.time() < down_deadline and _running_replicas() != 1:
         time.sleep(1)
     scaled_down = _running_replicas() == 1
-    report = {"peak_replicas": peak, "scaled_up_after_s": round(scaled_up_at, 1), "killed_at_s": round(killed_at, 1),
+    failed_unix = [summary["started_unix"] + s for s in summary["failed_at_s"]]
+    report = {"failed_after_kill_s": [round(t - killed_unix, 2) for t in failed_unix], "peak_replicas": peak, "scaled_up_after_s": round(scaled_up_at, 1), "killed_at_s": round(killed_at, 1),
               "scaled_down": scaled_down, **{k: summary[k] for k in ("requests", "ok", "failed", "qps", "latency_ms",
-                                                                      "errors", "failed_at_s")}}
+                                                                      "errors", "failures")}}
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "serve_load_report.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
-    # Only requests in flight on the killed replica may fail: at most its max_ongoing_requests (8).
-    assert summary["failed"] <= 8, report
+    # Only requests in flight on the killed replica may fail: one per client at most, all at the
+    # kill. (harma's HAProxy ingress retries them on the other replica, so none failed in our
+    # runs; without that retry 6-13 did, all within 0.15 s of the kill.)
+    assert summary["failed"] <= 12, report  # the load's concurrency
+    assert all(killed_unix - 2 <= t <= killed_unix + 10 for t in failed_unix), report
     assert summary["ok"] > 50, report
     assert scaled_down, f"did not scale back down: {_replicas()}"

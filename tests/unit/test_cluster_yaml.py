@@ -44,3 +44,14 @@ def test_planted_mistakes_are_caught(mutate, message):
     mutate(cfg)
     with pytest.raises(Exception, match=message):
         _validate(cfg)
+
+
+def test_every_ray_start_sets_up_serves_haproxy_ingress():
+    from harma.serve.ingress import HAPROXY_FLAG, RETRY_ON, RETRY_VAR, SAME_LOOP_FLAG
+
+    cfg = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        [start] = [cmd for cmd in cfg[key] if "ray start" in cmd]
+        before_start = start.split("ray start")[0]
+        assert f"{HAPROXY_FLAG}=1" in before_start and f"{SAME_LOOP_FLAG}=0" in before_start, (key, start)
+        assert f'{RETRY_VAR}="{RETRY_ON}"' in before_start, (key, start)

@@ -137,16 +137,58 @@ def test_max_items_must_be_positive():
         BatchCoalescer(lambda items: items, ThreadPoolExecutor(1), max_items=0)
 
 
-def test_serves_batch_size_warning_is_dropped_and_nothing_else():
-    import logging
+def test_wait_s_must_not_be_negative():
+    with pytest.raises(ValueError, match="wait_s must be >= 0"):
+        BatchCoalescer(lambda items: items, ThreadPoolExecutor(1), max_items=4, wait_s=-0.1)
 
-    from harma.serve.app import _CoalescedBatchesFilter
 
-    def record(message: str) -> logging.LogRecord:
-        return logging.LogRecord("ray.serve", logging.WARNING, __file__, 1, message, None, None)
+def test_wait_s_holds_a_first_query_on_an_idle_model_for_company():
+    model = GatedModel()
+    model.release.set()
 
-    keep = _CoalescedBatchesFilter().filter
-    assert not keep(record("`max_batch_size` (32) * `max_concurrent_batches` (1024) is larger than "
-                           "`max_ongoing_requests` (64). This means the replica will never achieve ..."))
-    assert keep(record("Replica failed health check"))
-    assert keep(record("max_ongoing_requests is 64"))
+    async def main():
+        coalescer = BatchCoalescer(model, ThreadPoolExecutor(1), max_items=8, wait_s=0.2)
+        first = asyncio.ensure_future(coalescer.submit(["a"]))
+        await asyncio.sleep(0.02)  # well inside the wait: nothing has run yet
+        assert model.calls == []
+        second = asyncio.ensure_future(coalescer.submit(["b", "c"]))
+        return await first, await second
+
+    assert asyncio.run(main()) == (["A"], ["B", "C"])
+    assert model.calls == [["a", "b", "c"]]  # one forward pass for both
+
+
+def test_wait_s_ends_early_once_a_batch_is_full():
+    model = GatedModel()
+    model.release.set()
+
+    async def main():
+        coalescer = BatchCoalescer(model, ThreadPoolExecutor(1), max_items=3, wait_s=30)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        first = asyncio.ensure_future(coalescer.submit(["a"]))
+        await asyncio.sleep(0.01)
+        second = asyncio.ensure_future(coalescer.submit(["b", "c"]))
+        out = (await first, await second)
+        return out, loop.time() - started
+
+    out, took = asyncio.run(main())
+    assert out == (["A"], ["B", "C"])
+    assert model.calls == [["a", "b", "c"]]
+    assert took < 5  # far below wait_s: a full batch does not wait
+
+
+def test_wait_s_runs_a_lone_query_once_the_wait_is_over():
+    model = GatedModel()
+    model.release.set()
+
+    async def main():
+        coalescer = BatchCoalescer(model, ThreadPoolExecutor(1), max_items=8, wait_s=0.05)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        out = await coalescer.submit(["a"])
+        return out, loop.time() - started
+
+    out, took = asyncio.run(main())
+    assert out == ["A"] and model.calls == [["a"]]
+    assert took >= 0.05  # it did wait for company

@@ -6,9 +6,9 @@
 
 Each Retriever replica holds the query encoder (the checkpoint's own architecture, read from its
 config.yaml) and the whole index on its device, and is the FastAPI ingress, so a query costs one
-hop from Serve's proxy: text and image queries are micro-batched (`@serve.batch`, then a
-BatchCoalescer that merges every batch waiting for the model into its next forward pass), encoded
-in one forward pass and searched exactly as one matrix product per gallery. All torch work runs on
+hop from Serve's ingress: text and image queries are micro-batched by a BatchCoalescer that merges
+every query waiting for the model into its next forward pass, encoded in one forward pass and
+searched exactly as one matrix product per gallery. All torch work runs on
 one model thread, so the replica keeps accepting requests, which then form the next batch.
 
 HTTP API (OpenAPI at /openapi.json, interactive docs at /docs; the web page at /):
@@ -152,21 +152,6 @@ class _Loaded:
     galleries: dict[str, torch.Tensor]
 
 
-# Far above the max_ongoing_requests of our serve configs (32, 128), so Serve never holds a batch
-# back (with more requests in flight, the surplus batches wait for a slot: slower, still correct).
-_CONCURRENT_BATCHES = 1024
-
-
-class _CoalescedBatchesFilter(logging.Filter):
-    """Drops Serve's warning that max_batch_size * max_concurrent_batches exceeds
-    max_ongoing_requests: it assumes each Serve batch is a forward pass of its own, which the
-    BatchCoalescer makes untrue (the batches waiting for the model become one forward pass)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not ("max_concurrent_batches" in message and "max_ongoing_requests" in message)
-
-
 def _page_html() -> str:
     return resources.files("harma.serve").joinpath("page.html").read_text()
 
@@ -193,7 +178,6 @@ class Retriever:
 
         self.args = ServeArgs.model_validate(args)
         self.limits = self.args.limits
-        logging.getLogger("ray.serve").addFilter(_CoalescedBatchesFilter())  # before the first batch
         # Every torch computation of the replica runs on one thread, model loading included (see
         # ModelThread: a second OpenMP team slowed ViT-B-32 queries on CPU by ~40%).
         self._model_thread = ModelThread()
@@ -201,13 +185,10 @@ class Retriever:
         self.fingerprint = checkpoint_fingerprint(self.args.checkpoint_uri)
         self._api_key = os.environ.get(self.args.api_key_env, "").encode()
         self.state = self._load(self.args.index_uri)
-        size = self.args.max_batch_size
-        self._coalescers = {kind: BatchCoalescer(functools.partial(self._answer, kind), self._model_thread.executor, size)
+        # The replica's dynamic batching (see coalesce.py for why not Serve's @serve.batch).
+        self._coalescers = {kind: BatchCoalescer(functools.partial(self._answer, kind), self._model_thread.executor,
+                                                 self.args.max_batch_size, self.args.batch_wait_timeout_s)
                             for kind in ("text", "image")}
-        self._text_batch.set_max_batch_size(self.args.max_batch_size)
-        self._image_batch.set_max_batch_size(self.args.max_batch_size)
-        self._text_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
-        self._image_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
         log.info("Retriever ready: %s, index %s (%d images) on %s, auth %s", self.args.checkpoint_uri,
                  self.args.index_uri, self.state.index.size, self.encoder.device,
                  "on" if self._api_key else "off")
@@ -301,18 +282,8 @@ class Retriever:
                                               "images": index.size, "captions": index.caption_count,
                                               "built_at": index.manifest.get("built_at")}}
 
-    # Serve's batches go through at once (max_concurrent_batches) to the kind's BatchCoalescer,
-    # which merges all that wait for the model thread into its next forward pass (see coalesce.py).
-    @ray.serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0, max_concurrent_batches=_CONCURRENT_BATCHES)
-    async def _text_batch(self, jobs: list[_Job]) -> list[Any]:
-        return await self._coalescers["text"].submit(jobs)
-
-    @ray.serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0, max_concurrent_batches=_CONCURRENT_BATCHES)
-    async def _image_batch(self, jobs: list[_Job]) -> list[Any]:
-        return await self._coalescers["image"].submit(jobs)
-
     async def _respond(self, job: _Job, kind: str, started: float) -> dict[str, Any]:
-        answer = await (self._text_batch(job) if kind == "text" else self._image_batch(job))
+        [answer] = await self._coalescers[kind].submit([job])
         if isinstance(answer, ApiError):
             raise answer
         return {"query": {"kind": kind, "target": job.target, "k": job.k, "filters": job.filters},

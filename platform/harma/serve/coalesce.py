@@ -1,16 +1,19 @@
-"""BatchCoalescer: merge the batches waiting for one model thread into one forward pass.
+"""BatchCoalescer: the dynamic batching of a Serve replica, for one model thread.
 
-    coalescer = BatchCoalescer(encode_and_search, ThreadPoolExecutor(1), max_items=32)
+    coalescer = BatchCoalescer(encode_and_search, ThreadPoolExecutor(1), max_items=32, wait_s=0.0)
     results = await coalescer.submit(jobs)          # from any coroutine on the event loop
 
-Why: Serve's `@serve.batch` loop forms the next batch as soon as it has handed the previous one
-off, not when the model is free. When a forward pass takes much longer than
+Queries go straight to the coalescer. While the model thread runs one call, everything submitted
+meanwhile is merged into the next call (up to `max_items` queries, never splitting a submitted
+group), so batches fill exactly when the model is busy and a lone query at low load runs at once.
+`wait_s > 0` also holds a first query on an idle model thread that long for company.
+
+Why not Serve's `@serve.batch`: its loop forms the next batch as soon as it has handed the
+previous one off, not when the model is free. When a forward pass takes much longer than its
 `batch_wait_timeout_s` (ViT-B-32 on a CPU, a big batch on a GPU), the requests that arrive during
 it form many small batches that then run one after another, so a saturated replica ran at about
-its single-query rate (ViT-B-32 on 2 CPU cores: 10 q/s against 21 q/s batched). The Retriever
-lets Serve's batches through at once and submits them here: while the model thread runs one
-call, everything submitted meanwhile is merged into the next call (up to `max_items` queries),
-so batches fill exactly when the model is busy, and a lone query at low load runs at once.
+its single-query rate (ViT-B-32 on 2 CPU cores: 10 q/s against 21 q/s batched). Its task hops
+and per-batch metrics also cost a lone query time on a small machine.
 """
 
 from __future__ import annotations
@@ -29,13 +32,19 @@ class BatchCoalescer(Generic[T, R]):
     """Runs `run(items) -> results` (one result per item, same order) on `executor`, one call at
     a time, each call merging every group submitted while the previous one ran."""
 
-    def __init__(self, run: Callable[[list[T]], list[R]], executor: Executor, max_items: int):
+    def __init__(self, run: Callable[[list[T]], list[R]], executor: Executor, max_items: int,
+                 wait_s: float = 0.0):
         if max_items < 1:
             raise ValueError(f"max_items must be >= 1, got {max_items}")
+        if wait_s < 0:
+            raise ValueError(f"wait_s must be >= 0, got {wait_s}")
         self._run = run
         self._executor = executor
         self.max_items = max_items
+        self.wait_s = wait_s
         self._pending: deque[tuple[list[T], asyncio.Future]] = deque()
+        self._pending_items = 0
+        self._arrived: asyncio.Event | None = None
         self._drainer: asyncio.Task | None = None
         self.calls = 0  # forward passes run
         self.items = 0  # queries they carried
@@ -44,10 +53,14 @@ class BatchCoalescer(Generic[T, R]):
         """Results for `items`, computed in the next call the model thread makes."""
         if not items:
             return []
-        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
         self._pending.append((items, future))
+        self._pending_items += len(items)
+        if self._arrived is not None:
+            self._arrived.set()
         if self._drainer is None or self._drainer.done():
-            self._drainer = asyncio.get_running_loop().create_task(self._drain())
+            self._drainer = loop.create_task(self._drain())
         return await future
 
     def _next_call(self) -> list[tuple[list[T], asyncio.Future]]:
@@ -57,10 +70,28 @@ class BatchCoalescer(Generic[T, R]):
         while self._pending and size + len(self._pending[0][0]) <= self.max_items:
             size += len(self._pending[0][0])
             groups.append(self._pending.popleft())
+        self._pending_items -= sum(len(items) for items, _ in groups)
         return groups
+
+    async def _wait_for_company(self) -> None:
+        """Hold the first query of an idle model up to `wait_s`, or until a batch is full."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait_s
+        self._arrived = asyncio.Event()
+        try:
+            while self._pending_items < self.max_items and (left := deadline - loop.time()) > 0:
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), left)
+                except TimeoutError:
+                    break
+        finally:
+            self._arrived = None
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.wait_s > 0:
+            await self._wait_for_company()
         while self._pending:
             groups = [(items, fut) for items, fut in self._next_call() if not fut.done()]  # skip cancelled
             if not groups:

@@ -6,7 +6,7 @@
 `concurrency` clients each send text queries back to back for `seconds` (bounded in time: a
 request still open at the end is cancelled and counted as unfinished, not failed). Prints and
 writes: requests, failures (non-200 or connection errors, with their first messages), queries/s,
-latency percentiles, and per-second counts (for lining up with replica scaling or a killed replica).
+latency percentiles, the start time (unix) and per-second counts (for lining up with replica scaling or a killed replica).
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ async def run_load(base_url: str, seconds: float, concurrency: int, k: int = 10,
     url = base_url.rstrip("/") + "/v1/text-to-images"
     headers = {"X-API-Key": api_key} if api_key else {}
     records: list[dict[str, Any]] = []
+    started_unix = time.time()
     t0 = time.perf_counter()
     deadline = t0 + seconds
     timeout = aiohttp.ClientTimeout(total=max(30.0, seconds))
@@ -82,12 +83,13 @@ async def run_load(base_url: str, seconds: float, concurrency: int, k: int = 10,
         slot = per_second.setdefault(int(r["t"] - t0), {"ok": 0, "failed": 0})
         slot["ok" if r["status"] == 200 else "failed"] += 1
     return {
-        "url": url, "seconds": round(wall, 2), "concurrency": concurrency,
+        "url": url, "started_unix": started_unix, "seconds": round(wall, 2), "concurrency": concurrency,
         "requests": len(records), "ok": len(ok), "failed": len(failed),
         "unfinished": len(pending), "qps": len(ok) / wall if wall else 0.0,
         "latency_ms": percentiles([r["ms"] for r in ok]),
         "errors": sorted({r.get("error", "")[:160] for r in failed})[:10],
         "failed_at_s": [round(r["t"] - t0, 2) for r in failed][:100],
+        "failures": [[round(r["t"] - t0, 2), r.get("error", "")[:80]] for r in failed][:100],
         "per_second": [per_second.get(s, {"ok": 0, "failed": 0}) for s in range(int(wall) + 1)],
     }
 

