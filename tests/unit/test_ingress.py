@@ -5,6 +5,7 @@ import socket
 
 from harma.serve import ingress
 from harma.serve.ingress import (
+    DRAIN_VAR,
     HAPROXY_FLAG,
     PORT_VARS,
     RETRY_ON,
@@ -29,6 +30,7 @@ def test_unset_environment_gets_haproxy_same_loop_and_free_ports():
     assert env[HAPROXY_FLAG] == "1"
     assert env[SAME_LOOP_FLAG] == "0"
     assert env[RETRY_VAR] == RETRY_ON == "conn-failure empty-response response-timeout"
+    assert env[DRAIN_VAR] == "2"
     ports = [int(env[var]) for var in PORT_VARS]
     assert len(set(ports)) == 2 and all(1024 < p < 65536 for p in ports)
     for port in ports:  # free when picked: HAProxy can bind them
@@ -51,11 +53,11 @@ def test_without_an_haproxy_binary_serve_keeps_its_python_proxy(monkeypatch):
     monkeypatch.setattr(ingress, "haproxy_available", lambda: False)
     env: dict[str, str] = {}
     assert ensure_fast_ingress(env) == "proxy"
-    assert HAPROXY_FLAG not in env and RETRY_VAR not in env and not any(var in env for var in PORT_VARS)
+    assert HAPROXY_FLAG not in env and RETRY_VAR not in env and DRAIN_VAR not in env and not any(var in env for var in PORT_VARS)
 
 
 def test_default_is_os_environ(monkeypatch):
-    for var in (HAPROXY_FLAG, SAME_LOOP_FLAG, RETRY_VAR, *PORT_VARS):
+    for var in (HAPROXY_FLAG, SAME_LOOP_FLAG, RETRY_VAR, DRAIN_VAR, *PORT_VARS):
         monkeypatch.setenv(var, "")  # recorded, so the teardown restores the session's value
         monkeypatch.delenv(var)
     assert ensure_fast_ingress() == "haproxy"

@@ -38,6 +38,13 @@ SAME_LOOP_FLAG = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
 # 4 (harma answers bad input with 4xx; it never crashes a replica).
 RETRY_VAR = "RAY_SERVE_HAPROXY_RETRY_ON"
 RETRY_ON = "conn-failure empty-response response-timeout"
+# A stopping replica first keeps serving this long so load balancers can deregister it. Ray's
+# default, 30 s, is meant for balancers outside the cluster; the clusters harma starts itself are
+# local, with HAProxy on the same node updated within ~0.1 s (and retrying a refused connection),
+# so 2 s: otherwise every `serve.shutdown()`, Ctrl-C of `harma serve` and the end of `harma demo`
+# waited 30 s. cluster.yaml keeps Ray's default.
+DRAIN_VAR = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
+LOCAL_DRAIN_S = "2"
 # HAProxy's own stats and Prometheus ports default to 8404 and 9101 on every node: a second Serve
 # on one host (the tests' cluster beside a demo, two local clusters) would fail to bind them.
 PORT_VARS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
@@ -61,8 +68,9 @@ def _free_port() -> int:
 
 
 def ensure_fast_ingress(environ: MutableMapping[str, str] | None = None) -> str:
-    """Set the HAProxy ingress up in `environ` (default os.environ) unless the user chose already;
-    free ports for HAProxy's stats and metrics. Returns the ingress in use: "haproxy" or "proxy"."""
+    """Set the HAProxy ingress up in `environ` (default os.environ) for a local cluster, unless the
+    user chose already: retries, a short drain, free ports for HAProxy's stats and metrics.
+    Returns the ingress in use: "haproxy" or "proxy"."""
     env = os.environ if environ is None else environ
     env.setdefault(SAME_LOOP_FLAG, "0")
     choice = env.get(HAPROXY_FLAG)
@@ -73,6 +81,7 @@ def ensure_fast_ingress(environ: MutableMapping[str, str] | None = None) -> str:
     elif choice != "1":
         return "proxy"
     env.setdefault(RETRY_VAR, RETRY_ON)
+    env.setdefault(DRAIN_VAR, LOCAL_DRAIN_S)
     for var in PORT_VARS:
         if not env.get(var):
             env[var] = str(_free_port())
