@@ -43,6 +43,10 @@ def test_the_users_choices_are_kept():
     assert ensure_fast_ingress(env) == "proxy"
     assert env == {HAPROXY_FLAG: "0", SAME_LOOP_FLAG: "1"}  # nothing added: Ray's proxy, as asked
 
+    env = {HAPROXY_FLAG: "0"}
+    assert ensure_fast_ingress(env) == "proxy"
+    assert env == {HAPROXY_FLAG: "0"}  # the same-loop setting goes with HAProxy only
+
     env = {HAPROXY_FLAG: "1", PORT_VARS[0]: "18404", RETRY_VAR: "conn-failure"}
     assert ensure_fast_ingress(env) == "haproxy"
     assert env[PORT_VARS[0]] == "18404" and env[PORT_VARS[1]].isdigit()
@@ -53,7 +57,7 @@ def test_without_an_haproxy_binary_serve_keeps_its_python_proxy(monkeypatch):
     monkeypatch.setattr(ingress, "haproxy_available", lambda: False)
     env: dict[str, str] = {}
     assert ensure_fast_ingress(env) == "proxy"
-    assert HAPROXY_FLAG not in env and RETRY_VAR not in env and DRAIN_VAR not in env and not any(var in env for var in PORT_VARS)
+    assert env == {}  # Serve's own defaults, the user code thread included
 
 
 def test_default_is_os_environ(monkeypatch):

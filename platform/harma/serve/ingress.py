@@ -72,7 +72,6 @@ def ensure_fast_ingress(environ: MutableMapping[str, str] | None = None) -> str:
     user chose already: retries, a short drain, free ports for HAProxy's stats and metrics.
     Returns the ingress in use: "haproxy" or "proxy"."""
     env = os.environ if environ is None else environ
-    env.setdefault(SAME_LOOP_FLAG, "0")
     choice = env.get(HAPROXY_FLAG)
     if choice is None:
         if not haproxy_available():
@@ -80,6 +79,7 @@ def ensure_fast_ingress(environ: MutableMapping[str, str] | None = None) -> str:
         env[HAPROXY_FLAG] = "1"
     elif choice != "1":
         return "proxy"
+    env.setdefault(SAME_LOOP_FLAG, "0")
     env.setdefault(RETRY_VAR, RETRY_ON)
     env.setdefault(DRAIN_VAR, LOCAL_DRAIN_S)
     for var in PORT_VARS:
