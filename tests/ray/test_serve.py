@@ -458,7 +458,7 @@ def test_autoscaling_and_a_killed_replica_under_load(service, tmp_path):
     while time.time() < down_deadline and _running_replicas() != 1:
         time.sleep(1)
     scaled_down = _running_replicas() == 1
-    failed_unix = [summary["started_unix"] + s for s in summary["failed_at_s"]]
+    failed_unix = [summary["started_unix"] + started for started, _ in summary["failures"]]
     report = {"failed_after_kill_s": [round(t - killed_unix, 2) for t in failed_unix], "peak_replicas": peak, "scaled_up_after_s": round(scaled_up_at, 1), "killed_at_s": round(killed_at, 1),
               "scaled_down": scaled_down, **{k: summary[k] for k in ("requests", "ok", "failed", "qps", "latency_ms",
                                                                       "errors", "failures")}}

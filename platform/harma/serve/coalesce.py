@@ -43,7 +43,6 @@ class BatchCoalescer(Generic[T, R]):
         self.max_items = max_items
         self.wait_s = wait_s
         self._pending: deque[tuple[list[T], asyncio.Future]] = deque()
-        self._pending_items = 0
         self._arrived: asyncio.Event | None = None
         self._drainer: asyncio.Task | None = None
         self.calls = 0  # forward passes run
@@ -56,7 +55,6 @@ class BatchCoalescer(Generic[T, R]):
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
         self._pending.append((items, future))
-        self._pending_items += len(items)
         if self._arrived is not None:
             self._arrived.set()
         if self._drainer is None or self._drainer.done():
@@ -70,7 +68,6 @@ class BatchCoalescer(Generic[T, R]):
         while self._pending and size + len(self._pending[0][0]) <= self.max_items:
             size += len(self._pending[0][0])
             groups.append(self._pending.popleft())
-        self._pending_items -= sum(len(items) for items, _ in groups)
         return groups
 
     async def _wait_for_company(self) -> None:
@@ -79,7 +76,8 @@ class BatchCoalescer(Generic[T, R]):
         deadline = loop.time() + self.wait_s
         self._arrived = asyncio.Event()
         try:
-            while self._pending_items < self.max_items and (left := deadline - loop.time()) > 0:
+            while (sum(len(items) for items, _ in self._pending) < self.max_items
+                   and (left := deadline - loop.time()) > 0):
                 self._arrived.clear()
                 try:
                     await asyncio.wait_for(self._arrived.wait(), left)

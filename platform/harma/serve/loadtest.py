@@ -88,8 +88,7 @@ async def run_load(base_url: str, seconds: float, concurrency: int, k: int = 10,
         "unfinished": len(pending), "qps": len(ok) / wall if wall else 0.0,
         "latency_ms": percentiles([r["ms"] for r in ok]),
         "errors": sorted({r.get("error", "")[:160] for r in failed})[:10],
-        "failed_at_s": [round(r["t"] - t0, 2) for r in failed][:100],
-        "failures": [[round(r["t"] - t0, 2), r.get("error", "")[:80]] for r in failed][:100],
+        "failures": [[round(r["t"] - t0, 2), r.get("error", "")[:80]] for r in failed][:100],  # [start s, error]
         "per_second": [per_second.get(s, {"ok": 0, "failed": 0}) for s in range(int(wall) + 1)],
     }
 
