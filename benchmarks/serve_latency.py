@@ -12,7 +12,8 @@ does not depend on their values), both measured while Ray and Serve run:
   product) vs HTTP queries/s from `concurrency` closed-loop clients in a separate process
   (`harma.serve.loadtest`) against one replica with dynamic batching (target >= 0.7); the
   replica's forward passes and queries per pass during the load come from /v1/info.
-`--ingress proxy` measures Ray's Python proxy instead of the HAProxy ingress harma sets up.
+`--ingress proxy` measures Ray's Python proxy instead of the HAProxy ingress harma sets up;
+`--access-log` keeps Serve's per-request access log, which serve_configs/gpu.yaml turns off.
 On the H100: `--arch ViT-B-32 --images 100000 --device cuda`.
 """
 
@@ -170,6 +171,8 @@ def main() -> None:
     parser.add_argument("--batch-wait", type=float, default=0.0, help="batch_wait_timeout_s of the replica")
     parser.add_argument("--ingress", choices=("haproxy", "proxy"), default="haproxy",
                         help="Serve's HAProxy ingress (harma's default) or Ray's Python proxy")
+    parser.add_argument("--access-log", action="store_true",
+                        help="keep Serve's per-request access log (serve_configs/gpu.yaml turns it off)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="benchmarks/results/serve_latency.json")
     args = parser.parse_args()
@@ -196,7 +199,8 @@ def main() -> None:
     gpus = 1 if args.device == "cuda" else 0
     app = Retriever.options(num_replicas=1, autoscaling_config=None, max_ongoing_requests=2 * args.batch,
                             # as many torch threads as the direct path (Ray sets OMP threads = num_cpus)
-                            ray_actor_options={"num_cpus": cores, "num_gpus": gpus})
+                            ray_actor_options={"num_cpus": cores, "num_gpus": gpus},
+                            logging_config={"enable_access_log": args.access_log})
     ray.serve.run(app.bind({"checkpoint_uri": ckpt, "index_uri": index, "device": args.device,
                             "max_batch_size": args.batch, "batch_wait_timeout_s": args.batch_wait}),
                   name="bench", route_prefix="/")
@@ -213,6 +217,7 @@ def main() -> None:
     ratio = saturated["qps"] / direct_qps
     result = {"arch": args.arch, "images": args.images, "device": args.device, "batch": args.batch,
               "concurrency": args.concurrency, "batch_wait_timeout_s": args.batch_wait, "ingress": args.ingress,
+              "access_log": args.access_log,
               "cpu_count": os.cpu_count(), "low_load": low, "direct_batched_qps": direct_qps,
               "saturated": saturated, "overhead_p50_ms": overhead, "throughput_ratio": ratio,
               "targets": {"overhead_p50_ms": 3.0, "throughput_ratio": 0.7}}
@@ -220,7 +225,7 @@ def main() -> None:
             ("low load p99 (ms)", low["direct_ms"]["p99"], low["http_ms"]["p99"]),
             ("saturated queries/s", direct_qps, saturated["qps"])]
     print(f"\n{args.arch}, {args.images:,}-image index, {args.device}, batch {args.batch}, "
-          f"{args.concurrency} HTTP clients, {args.ingress} ingress")
+          f"{args.concurrency} HTTP clients, {args.ingress} ingress, access log {'on' if args.access_log else 'off'}")
     print(f"{'':>22} {'direct':>10} {'HTTP/Serve':>11}")
     for name, d, h in rows:
         print(f"{name:>22} {d:>10.2f} {h:>11.2f}")

@@ -138,6 +138,8 @@ def test_every_serve_config_validates_strictly():
     (lambda c: c["applications"][0]["deployments"][0].update(max_ongoing_request=3), "unknown key(s) ['max_ongoing_request']"),
     (lambda c: c["applications"][0]["deployments"][0]["autoscaling_config"].update(min_replica=1), "min_replica"),
     (lambda c: c["applications"][0]["deployments"][0]["autoscaling_config"].update(min_replicas=5, max_replicas=2), "autoscaling_config"),
+    (lambda c: c["applications"][0]["deployments"][0]["logging_config"].update(enable_acces_log=False),
+     "enable_acces_log"),
     (lambda c: c["applications"][0]["args"].update(max_top_k=0), "max_top_k"),
     (lambda c: c["applications"][0]["args"].update(index="x"), "index"),
     (lambda c: c["applications"][0].update(imprt_path="x"), "imprt_path"),

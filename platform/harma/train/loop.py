@@ -97,8 +97,8 @@ def train_worker(loop_config: dict) -> dict:
         restarts.append({"resumed_at_step": trainer.global_step, "steps_redone": redone,
                          "world_size": world})
         if rank == 0:
-            print(f"[harma] resumed at step {trainer.global_step} (epoch {start_epoch}) on {world} "
-                  f"worker(s); {redone} step(s) will be redone", flush=True)
+            log.info("[harma] resumed at step %d (epoch %d) on %d worker(s); %d step(s) will be "
+                     "redone", trainer.global_step, start_epoch, world, redone)
 
     # --- validation data (rank 0 evaluates; ZeRO <= 2 keeps full weights on every rank) --------
     val = None
@@ -145,8 +145,8 @@ def train_worker(loop_config: dict) -> dict:
                 best_val = {**scores, "step": trainer.global_step}
             history.append({"step": trainer.global_step, "epoch": epoch + 1,
                             **{f"val_{k}": v for k, v in scores.items()}})
-            print(f"[harma] epoch {epoch + 1}/{epochs} step {trainer.global_step}: val mR "
-                  f"{scores['mr']:.2f} (best {best_val['mr']:.2f})", flush=True)
+            log.info("[harma] epoch %d/%d step %d: val mR %.2f (best %.2f)", epoch + 1, epochs,
+                     trainer.global_step, scores["mr"], best_val["mr"])
         state = trainer.gather_state()  # collective
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
@@ -176,8 +176,10 @@ def _log_progress(step: int, total: int, metrics: dict, t_start: float, first: i
     elapsed = time.perf_counter() - t_start
     rate = (step - first) / elapsed if elapsed > 0 else 0.0
     eta = (total - step) / rate if rate > 0 else 0.0
-    print(f"[harma] step {step}/{total}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
-          f"{rate:.2f} steps/s  ETA {int(eta) // 60}:{int(eta) % 60:02d}", flush=True)
+    # Logged, not printed: Ray Train routes a worker's print() to the root logger *and* (its stdout
+    # being wrapped) to stdout, so each printed line reached the driver twice.
+    log.info("[harma] step %d/%d  loss %.4f  lr %.2e  %.2f steps/s  ETA %d:%02d", step, total,
+             metrics["loss"], metrics["lr"], rate, int(eta) // 60, int(eta) % 60)
 
 
 def _write_progress(run_dir: str, step: int) -> None:
