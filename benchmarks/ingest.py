@@ -51,7 +51,9 @@ def decode_resize(batch: dict, size: int) -> dict:
 
 def ray_rate(files: list[str], size: int, cores: int) -> tuple[float, int]:
     import ray
+    from harma.data.datasets import FOOTER_ACTORS, FOOTER_ACTORS_VAR
 
+    os.environ.setdefault(FOOTER_ACTORS_VAR, FOOTER_ACTORS)  # as harma's training sets it
     ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:

@@ -106,7 +106,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = fit(cfg)
     print()
     print(format_table({"best val": result.best_val, "test (best on val)": result.test}))
-    print(f"\n{result.steps} steps on {result.world_size} worker(s) in {result.seconds:.0f} s; "
+    waited = (f"; waited {result.input_wait_seconds:.0f} s of {result.loop_seconds:.0f} s for input"
+              if result.loop_seconds else "")
+    print(f"\n{result.steps} steps on {result.world_size} worker(s) in {result.seconds:.0f} s{waited}; "
           f"restarts: {len(result.restarts)}; unusable images: {len(result.bad_images)}")
     print(f"best checkpoint: {result.best_checkpoint}\nreport: {result.report_dir}")
     return 0

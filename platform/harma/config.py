@@ -140,7 +140,7 @@ class DataConfig(_Section):
     )
     deterministic: bool = Field(
         False,
-        description="Ray path: seed block order, shuffle buffer and augmentation from run.seed "
+        description="Ray path: seed file order, shuffle buffer and augmentation from run.seed "
         "(reproducible runs; an image then gets the same augmentation every epoch).",
     )
     train_split: str = "train"

@@ -38,8 +38,13 @@ def test_s3_prepare_train_checkpoint_and_resume_on_fewer_workers(ray_cluster, s3
     prepare_dataset(synth_root, "s3://rs-data/synth", ["train", "val", "test"])
     cfg = _cfg(tiny_model_config, "s3://rs-data/synth", "s3://rs-runs/runs", "s3-run",
                **{"train.epochs": 1})
+    footer_readers = _footer_reader_actors()
     first = fit(cfg)  # 140 pairs / 16 = 8 steps on 2 workers
     assert first.steps == 8 and first.world_size == 2
+    # One Parquet footer-reading actor for the epoch's stream, not Ray Data's 32 (process starts
+    # that delayed every epoch's first batch; harma.data.datasets.FOOTER_ACTORS).
+    assert _footer_reader_actors() - footer_readers == 1
+    assert 0 <= first.input_wait_seconds <= first.loop_seconds
     assert first.best_checkpoint.startswith("s3://rs-runs/runs/s3-run/checkpoint_")
     model, saved_cfg = load_checkpoint(first.best_checkpoint)
     assert saved_cfg.run.name == "s3-run"
@@ -52,8 +57,18 @@ def test_s3_prepare_train_checkpoint_and_resume_on_fewer_workers(ray_cluster, s3
     from harma import storage
 
     report = json.loads(storage.read_bytes(f"{second.report_dir}/metrics.json"))
-    assert report["steps"] == 16
+    assert report["steps"] == 16 and 0 <= report["input_wait_seconds"] <= report["loop_seconds"]
+    history = [json.loads(line) for line in storage.read_bytes(f"{second.report_dir}/history.jsonl").splitlines()]
+    epochs = [r for r in history if "val_mr" in r]
+    assert [r["epoch"] for r in epochs] == [1, 2]  # each epoch says how long it waited for input
+    assert all(0 <= r["first_batch_s"] <= r["input_wait_s"] for r in epochs)
     assert storage.read_bytes(f"{second.report_dir}/training.png")[:4] == b"\x89PNG"
+
+
+def _footer_reader_actors() -> int:
+    from ray.util.state import list_actors
+
+    return len(list_actors(filters=[("class_name", "=", "FooterReader")], limit=10_000))
 
 
 def _kill_a_worker_when(progress: Path, step: int, killed: list) -> None:

@@ -6,8 +6,8 @@
 Reading, decoding, augmentation and tokenisation all run in Ray Data tasks with fractional CPU
 requests (so they never starve next to the Train workers on a small machine); nothing is copied
 to local disk. Each image row becomes one row per caption, each with its own augmentation draw.
-Block order is randomised on every pass (every epoch re-executes the pipeline), and the workers
-add a local shuffle buffer. An undecodable image becomes one row with `image_id == -1` and its key
+File order is reshuffled on every pass (every epoch re-executes the pipeline; streaming, no
+all-to-all step), and the workers add a local shuffle buffer. An undecodable image becomes one row with `image_id == -1` and its key
 in `bad_key`, which the worker counts, names in the run report and drops.
 """
 
@@ -17,6 +17,7 @@ import random
 from functools import lru_cache
 
 import numpy as np
+from ray.data import FileShuffleConfig
 
 import ray
 from harma import storage
@@ -26,6 +27,13 @@ from harma.data.transforms import augment_image, decode_image, to_uint8, tokeniz
 
 READ_CPUS = 0.25
 MAP_CPUS = 0.5
+# Ray Data's Parquet reader (2.60) lists files through 32 footer-reading actors, new processes,
+# started again at every execution, i.e. every epoch: on the demo each epoch's first batch took
+# 4-8 s, 2 s with one actor (tests/benchmarks: `input wait` in the progress lines). One actor
+# reads footers 128 at a time, plenty for thousands of shards. Set in the driver and forwarded to
+# the workers by harma.train.driver (a value already in the environment is kept).
+FOOTER_ACTORS_VAR = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+FOOTER_ACTORS = "1"
 
 
 @lru_cache(maxsize=4)
@@ -73,9 +81,12 @@ def build_train_dataset(data: DataConfig, arch: str, image_size: int, seed: int 
     files = split_files(data.prepared_uri, data.train_split)
     fs, _ = storage.resolve(files[0])
     paths = [storage.resolve(f)[1] for f in files]
-    ds = ray.data.read_parquet(paths, filesystem=fs, num_cpus=READ_CPUS,
+    # File order reshuffled on every execution (epoch), reseeded per epoch when seeded. Not
+    # randomize_block_order(): an all-to-all step that held back every block until all shards
+    # were read, so each epoch began with seconds of input wait.
+    shuffle = FileShuffleConfig(seed=seed if data.deterministic else None, reseed_after_execution=True)
+    ds = ray.data.read_parquet(paths, filesystem=fs, num_cpus=READ_CPUS, shuffle=shuffle,
                                columns=["image", "image_key", "image_id", "captions"])
-    ds = ds.randomize_block_order(seed=seed if data.deterministic else None)
     return ds.map_batches(
         pairs_from_images,
         fn_kwargs={"arch": arch, "size": image_size, "augment": data.augment.model_dump(),

@@ -26,7 +26,7 @@ from ray.train.torch import TorchTrainer
 import ray
 from harma import storage
 from harma.config import PlatformConfig
-from harma.data.datasets import build_train_dataset
+from harma.data.datasets import FOOTER_ACTORS, FOOTER_ACTORS_VAR, build_train_dataset
 from harma.data.local import eval_arrays
 from harma.data.prepared import count_captions, load_prepared_split, read_report
 from harma.eval import format_table
@@ -56,16 +56,18 @@ class FitResult:
     seconds: float
     report_dir: str
     loop_seconds: float = 0.0  # rank 0's time in the step loop (data waits included), this attempt
+    input_wait_seconds: float = 0.0  # of which waiting for the next batch (harma.train.input_wait)
     pairs_per_worker: int = 0
 
 
 _FORWARDED_ENV = ("AWS_ENDPOINT_URL", "HARMA_S3_ENDPOINT", "AWS_REGION", "AWS_DEFAULT_REGION",
                   "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
-                  "AWS_EC2_METADATA_DISABLED", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR")
+                  "AWS_EC2_METADATA_DISABLED", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR",
+                  FOOTER_ACTORS_VAR)
 
 
 def worker_env() -> dict[str, str]:
-    """The driver's storage and DeepSpeed settings, for worker processes (values never logged)."""
+    """The driver's storage, DeepSpeed and Ray Data settings, for worker processes (values never logged)."""
     return {key: os.environ[key] for key in _FORWARDED_ENV if os.environ.get(key)}
 
 
@@ -73,6 +75,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     """Connect to the cluster in RAY_ADDRESS, or start a local one sized so Data and Train fit."""
     if ray.is_initialized():
         return
+    os.environ.setdefault(FOOTER_ACTORS_VAR, FOOTER_ACTORS)
     env = {"env_vars": worker_env()}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=env, log_to_driver=True)
@@ -184,7 +187,8 @@ def fit(cfg: PlatformConfig, callbacks: list | None = None, evaluate_test: bool 
         nodes=summary.get("nodes", []),
         restarts=final_meta.get("restarts", []), bad_images=sorted(set(final_meta.get("bad_images", []))),
         seconds=time.perf_counter() - t0, report_dir=storage.join(run_dir, "report"),
-        loop_seconds=summary.get("loop_seconds", 0.0), pairs_per_worker=summary.get("pairs_per_worker", 0))
+        loop_seconds=summary.get("loop_seconds", 0.0), pairs_per_worker=summary.get("pairs_per_worker", 0),
+        input_wait_seconds=summary.get("input_wait_seconds", 0.0))
     write_run_report(fit_result, final_meta["history"], cfg)
     return fit_result
 

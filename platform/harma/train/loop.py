@@ -31,6 +31,7 @@ from harma.model.checkpoint import save_checkpoint
 from harma.model.harma import build_model
 from harma.train.engine import DeepSpeedEngine, deepspeed_config, prepare_deepspeed_env
 from harma.train.evaluate import evaluate_arrays
+from harma.train.input_wait import InputWaitMeter
 from harma.train.optim import param_groups
 from harma.train.step import train_step
 
@@ -111,12 +112,14 @@ def train_worker(loop_config: dict) -> dict:
     shard = ray.train.get_dataset_shard("train")
     t_start, steps_at_start = time.perf_counter(), trainer.global_step
     loop_seconds, pairs_seen = 0.0, 0
+    input_wait = InputWaitMeter()
     for epoch in range(start_epoch, epochs):
         last: dict = {}
         t_epoch = time.perf_counter()
-        for batch in shard.iter_batches(batch_size=micro_batch, drop_last=True, batch_format="numpy",
-                                        local_shuffle_buffer_size=4 * micro_batch, prefetch_batches=2,
-                                        local_shuffle_seed=(cfg.run.seed + epoch) if cfg.data.deterministic else None):
+        stream = shard.iter_batches(batch_size=micro_batch, drop_last=True, batch_format="numpy",
+                                    local_shuffle_buffer_size=4 * micro_batch, prefetch_batches=2,
+                                    local_shuffle_seed=(cfg.run.seed + epoch) if cfg.data.deterministic else None)
+        for batch in input_wait.batches(stream):
             if trainer.global_step >= total_steps:
                 break
             tensors, bad = _to_torch(batch)
@@ -131,22 +134,26 @@ def train_worker(loop_config: dict) -> dict:
             pairs_seen += len(tensors["image_id"])
             history.append({"step": trainer.global_step, "epoch": epoch, **last})
             if rank == 0 and (trainer.global_step % cfg.train.log_every == 0):
-                _log_progress(trainer.global_step, total_steps, last, t_start, steps_at_start)
+                _log_progress(trainer.global_step, total_steps, last, t_start, steps_at_start,
+                              input_wait.window_fraction())
                 _write_progress(run_dir, trainer.global_step)
 
         loop_seconds += time.perf_counter() - t_epoch
 
         # --- validate, checkpoint, report (every rank reports: it is a barrier) ----------------
-        metrics = {"epoch": epoch + 1, "step": trainer.global_step, "loss": last.get("loss", float("nan"))}
+        metrics = {"epoch": epoch + 1, "step": trainer.global_step, "loss": last.get("loss", float("nan")),
+                   "input_wait_s": input_wait.epoch_wait_s, "first_batch_s": input_wait.first_batch_s}
         if rank == 0:
             scores = evaluate_arrays(model, *val, batch_size=cfg.train.eval_batch_size)
             metrics.update({f"val_{k}": v for k, v in scores.items()})
             if best_val is None or scores["mr"] > best_val["mr"]:
                 best_val = {**scores, "step": trainer.global_step}
             history.append({"step": trainer.global_step, "epoch": epoch + 1,
-                            **{f"val_{k}": v for k, v in scores.items()}})
-            log.info("[harma] epoch %d/%d step %d: val mR %.2f (best %.2f)", epoch + 1, epochs,
-                     trainer.global_step, scores["mr"], best_val["mr"])
+                            **{f"val_{k}": v for k, v in scores.items()},
+                            "input_wait_s": input_wait.epoch_wait_s, "first_batch_s": input_wait.first_batch_s})
+            log.info("[harma] epoch %d/%d step %d: val mR %.2f (best %.2f); waited %.1f s for input "
+                     "(%.1f s of it for the first batch)", epoch + 1, epochs, trainer.global_step,
+                     scores["mr"], best_val["mr"], input_wait.epoch_wait_s, input_wait.first_batch_s)
         state = trainer.gather_state()  # collective
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
@@ -161,7 +168,8 @@ def train_worker(loop_config: dict) -> dict:
             break
     return {"steps": trainer.global_step, "best_val": best_val, "bad_images": bad_images,
             "restarts": restarts, "world_size": world, "nodes": nodes,
-            "loop_seconds": loop_seconds, "pairs_per_worker": pairs_seen}
+            "loop_seconds": loop_seconds, "input_wait_seconds": input_wait.total_wait_s,
+            "pairs_per_worker": pairs_seen}
 
 
 def _check_bad_fraction(bad: list[str], total_images: int, limit: float) -> None:
@@ -172,14 +180,17 @@ def _check_bad_fraction(bad: list[str], total_images: int, limit: float) -> None
                          f"first: {', '.join(distinct[:5])}")
 
 
-def _log_progress(step: int, total: int, metrics: dict, t_start: float, first: int) -> None:
+def _log_progress(step: int, total: int, metrics: dict, t_start: float, first: int,
+                  input_wait: float) -> None:
+    """One progress line; `input_wait`: share of the time since the last line spent waiting for data."""
     elapsed = time.perf_counter() - t_start
     rate = (step - first) / elapsed if elapsed > 0 else 0.0
     eta = (total - step) / rate if rate > 0 else 0.0
     # Logged, not printed: Ray Train routes a worker's print() to the root logger *and* (its stdout
     # being wrapped) to stdout, so each printed line reached the driver twice.
-    log.info("[harma] step %d/%d  loss %.4f  lr %.2e  %.2f steps/s  ETA %d:%02d", step, total,
-             metrics["loss"], metrics["lr"], rate, int(eta) // 60, int(eta) % 60)
+    log.info("[harma] step %d/%d  loss %.4f  lr %.2e  %.2f steps/s  input wait %d%%  ETA %d:%02d",
+             step, total, metrics["loss"], metrics["lr"], rate, round(100 * input_wait),
+             int(eta) // 60, int(eta) % 60)
 
 
 def _write_progress(run_dir: str, step: int) -> None:
