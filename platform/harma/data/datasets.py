@@ -7,8 +7,9 @@ Reading, decoding, augmentation and tokenisation all run in Ray Data tasks with 
 requests (so they never starve next to the Train workers on a small machine); nothing is copied
 to local disk. Each image row becomes one row per caption, each with its own augmentation draw.
 File order is reshuffled on every pass (every epoch re-executes the pipeline; streaming, no
-all-to-all step), and the workers add a local shuffle buffer. An undecodable image becomes one row with `image_id == -1` and its key
-in `bad_key`, which the worker counts, names in the run report and drops.
+all-to-all step), and the workers add a local shuffle buffer. An undecodable image becomes one row
+with `image_id == -1` and its key in `bad_key`, which the worker counts, names in the run report
+and drops.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ READ_CPUS = 0.25
 MAP_CPUS = 0.5
 # Ray Data's Parquet reader (2.60) lists files through 32 footer-reading actors, new processes,
 # started again at every execution, i.e. every epoch: on the demo each epoch's first batch took
-# 4-8 s, 2 s with one actor (tests/benchmarks: `input wait` in the progress lines). One actor
+# 4-8 s, 2 s with one actor (the `input wait` figures of the progress lines). One actor
 # reads footers 128 at a time, plenty for thousands of shards. Set in the driver and forwarded to
 # the workers by harma.train.driver (a value already in the environment is kept).
 FOOTER_ACTORS_VAR = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"

@@ -141,16 +141,16 @@ def train_worker(loop_config: dict) -> dict:
         loop_seconds += time.perf_counter() - t_epoch
 
         # --- validate, checkpoint, report (every rank reports: it is a barrier) ----------------
+        waited = {"input_wait_s": input_wait.epoch_wait_s, "first_batch_s": input_wait.first_batch_s}
         metrics = {"epoch": epoch + 1, "step": trainer.global_step, "loss": last.get("loss", float("nan")),
-                   "input_wait_s": input_wait.epoch_wait_s, "first_batch_s": input_wait.first_batch_s}
+                   **waited}
         if rank == 0:
             scores = evaluate_arrays(model, *val, batch_size=cfg.train.eval_batch_size)
             metrics.update({f"val_{k}": v for k, v in scores.items()})
             if best_val is None or scores["mr"] > best_val["mr"]:
                 best_val = {**scores, "step": trainer.global_step}
             history.append({"step": trainer.global_step, "epoch": epoch + 1,
-                            **{f"val_{k}": v for k, v in scores.items()},
-                            "input_wait_s": input_wait.epoch_wait_s, "first_batch_s": input_wait.first_batch_s})
+                            **{f"val_{k}": v for k, v in scores.items()}, **waited})
             log.info("[harma] epoch %d/%d step %d: val mR %.2f (best %.2f); waited %.1f s for input "
                      "(%.1f s of it for the first batch)", epoch + 1, epochs, trainer.global_step,
                      scores["mr"], best_val["mr"], input_wait.epoch_wait_s, input_wait.first_batch_s)
