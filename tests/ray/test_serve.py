@@ -373,8 +373,11 @@ def test_web_page_in_headless_chromium(service):
 
         key = "test/test_00002.png"
         browser.find_element(By.ID, "file").send_keys(str(Path(service["data"]) / "images" / key))
-        wait.until(lambda b: (b.find_elements(By.CSS_SELECTOR, "#results .hit") or [None])[0] is not None
-                   and b.find_elements(By.CSS_SELECTOR, "#results .hit")[0].get_attribute("data-id") == key)
+        # The grid is rebuilt when the look-alikes arrive: read the ids in one script, since an element
+        # found before the rebuild goes stale (a find-then-read race once failed CI here).
+        wait.until(lambda b: "look-alikes of" in b.find_element(By.ID, "status").text)
+        ids = browser.execute_script("return [...document.querySelectorAll('#results .hit')].map(h => h.dataset.id)")
+        assert ids[0] == key and len(ids) == 12, ids
         wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#captions li")) == 5)
         browser.save_screenshot(str(ARTIFACTS / "serve_page_image_search.png"))
 
