@@ -40,7 +40,7 @@ def test_s3_prepare_train_checkpoint_and_resume_on_fewer_workers(ray_cluster, s3
                **{"train.epochs": 1})
     footer_readers = _footer_reader_actors()
     first = fit(cfg)  # 140 pairs / 16 = 8 steps on 2 workers
-    assert first.steps == 8 and first.world_size == 2
+    assert first.steps == 8 and first.world_size == 2 and first.device == "cpu"
     # One Parquet footer-reading actor for the epoch's stream, not Ray Data's 32 (process starts
     # that delayed every epoch's first batch; harma.data.datasets.FOOTER_ACTORS).
     assert _footer_reader_actors() - footer_readers == 1
@@ -58,6 +58,7 @@ def test_s3_prepare_train_checkpoint_and_resume_on_fewer_workers(ray_cluster, s3
 
     report = json.loads(storage.read_bytes(f"{second.report_dir}/metrics.json"))
     assert report["steps"] == 16 and 0 <= report["input_wait_seconds"] <= report["loop_seconds"]
+    assert report["device"] == "cpu"
     history = [json.loads(line) for line in storage.read_bytes(f"{second.report_dir}/history.jsonl").splitlines()]
     epochs = [r for r in history if "val_mr" in r]
     assert [r["epoch"] for r in epochs] == [1, 2]  # each epoch says how long it waited for input

@@ -1,4 +1,6 @@
-"""deepspeed_config arithmetic and ZeRO/precision mapping (no DeepSpeed import)."""
+"""deepspeed_config arithmetic, ZeRO/precision mapping and the accelerator choice (no DeepSpeed import)."""
+
+import os
 
 import pytest
 
@@ -35,3 +37,12 @@ def test_uneven_split_is_refused():
 def test_zero_stage_3_is_not_offered():
     with pytest.raises(Exception, match="zero_stage"):
         _train(deepspeed={"zero_stage": 3})
+
+
+@pytest.mark.parametrize(("use_gpu", "expected"), [(True, "cuda"), (False, "cpu")])
+def test_deepspeed_accelerator_follows_the_worker_not_the_forwarded_env(monkeypatch, use_gpu, expected):
+    from harma.train.engine import prepare_deepspeed_env
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu" if use_gpu else "cuda")  # what a driver may forward
+    prepare_deepspeed_env(use_gpu, build_shm_op=True)
+    assert os.environ["DS_ACCELERATOR"] == expected

@@ -49,9 +49,12 @@ def deepspeed_config(train: TrainConfig, world_size: int, use_gpu: bool, precisi
 
 
 def prepare_deepspeed_env(use_gpu: bool, build_shm_op: bool) -> None:
-    """Environment DeepSpeed needs before its import; optionally skip the CPU shm op JIT build."""
-    if not use_gpu:
-        os.environ["DS_ACCELERATOR"] = "cpu"
+    """Environment DeepSpeed needs before its import; optionally skip the CPU shm op JIT build.
+
+    The accelerator follows the worker's kind, whatever the driver's environment forwarded: a GPU
+    worker that inherited `DS_ACCELERATOR=cpu` (as CPU test runs set it) would train on its CPU.
+    """
+    os.environ["DS_ACCELERATOR"] = "cuda" if use_gpu else "cpu"
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/harma/torch_extensions"))
     if not build_shm_op:
         import deepspeed.ops

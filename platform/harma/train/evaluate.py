@@ -13,12 +13,15 @@ from harma.model.harma import HarmaModel
 def embed_split(
     model: HarmaModel, images: np.ndarray, tokens: np.ndarray, batch_size: int = 128
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(N,3,H,W) images and (C,ctx) tokens -> (N,D) and (C,D) normalised embeddings."""
+    """(N,3,H,W) images and (C,ctx) tokens -> (N,D) and (C,D) normalised embeddings.
+
+    Batches go to the model's device (a GPU worker validates on its GPU); results come back as numpy.
+    """
     model.eval()
-    dtype = next(model.parameters()).dtype
-    img_parts = [model.encode_image(torch.from_numpy(images[i : i + batch_size]).to(dtype)).float()
-                 for i in range(0, len(images), batch_size)]
-    txt_parts = [model.encode_text(torch.from_numpy(tokens[i : i + batch_size])).float()
+    first = next(model.parameters())
+    img_parts = [model.encode_image(torch.from_numpy(images[i : i + batch_size]).to(first.device, first.dtype))
+                 .float().cpu() for i in range(0, len(images), batch_size)]
+    txt_parts = [model.encode_text(torch.from_numpy(tokens[i : i + batch_size]).to(first.device)).float().cpu()
                  for i in range(0, len(tokens), batch_size)]
     return torch.cat(img_parts).numpy(), torch.cat(txt_parts).numpy()
 

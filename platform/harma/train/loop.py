@@ -169,7 +169,7 @@ def train_worker(loop_config: dict) -> dict:
     return {"steps": trainer.global_step, "best_val": best_val, "bad_images": bad_images,
             "restarts": restarts, "world_size": world, "nodes": nodes,
             "loop_seconds": loop_seconds, "input_wait_seconds": input_wait.total_wait_s,
-            "pairs_per_worker": pairs_seen}
+            "pairs_per_worker": pairs_seen, "device": str(device)}
 
 
 def _check_bad_fraction(bad: list[str], total_images: int, limit: float) -> None:
