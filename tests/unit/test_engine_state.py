@@ -30,7 +30,7 @@ def process_group():
     dist.destroy_process_group()
 
 
-def _engine(tiny_model_config, stage: int) -> DeepSpeedEngine:
+def _engine(tiny_model_config, stage: int, gpu_bf16_config: bool = False) -> DeepSpeedEngine:
     prepare_deepspeed_env(use_gpu=False, build_shm_op=False)
     import deepspeed
 
@@ -38,8 +38,8 @@ def _engine(tiny_model_config, stage: int) -> DeepSpeedEngine:
     train = TrainConfig.model_validate({"batch_size": 4, "workers": {"min": 1, "max": 1},
                                         "deepspeed": {"zero_stage": stage}})
     optimizer = torch.optim.AdamW(param_groups(model, train.optimizer), lr=1e-2)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                      config=deepspeed_config(train, 1, False, "fp32"),
+    ds_config = deepspeed_config(train, 1, True, "bf16") if gpu_bf16_config else deepspeed_config(train, 1, False, "fp32")
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                       dist_init_required=False)
     return DeepSpeedEngine(engine, model, total_steps=20, schedule=ScheduleConfig(), peak_lr=1e-2)
 
@@ -73,3 +73,22 @@ def test_state_round_trip_gives_the_same_next_step(process_group, tiny_model_con
     for (name, p), (_, q) in zip(first.model.trainable_named_parameters(),
                                  second.model.trainable_named_parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_gpu_bf16_config_autocasts_the_forward_and_keeps_fp32_master_weights(process_group, tiny_model_config,
+                                                                              stage):
+    """The config GPU workers get (DeepSpeed's torch_autocast, bf16) is accepted by DeepSpeed at every
+    ZeRO stage; here it runs on DeepSpeed's CPU accelerator, whose autocast is CPU bf16."""
+    engine = _engine(tiny_model_config, stage, gpu_bf16_config=True)
+    image_emb, text_emb = engine.embed(_batch(0)["image"], _batch(0)["tokens"])
+    assert image_emb.dtype == text_emb.dtype == torch.bfloat16  # matmuls ran in bf16
+    before = {n: p.detach().clone() for n, p in engine.model.trainable_named_parameters()}
+    for seed in range(3):
+        out = train_step(engine, _batch(seed), LossConfig())
+    assert torch.isfinite(torch.tensor(out["loss"]))
+    after = dict(engine.model.trainable_named_parameters())
+    assert all(p.dtype == torch.float32 for p in after.values())  # master weights stay fp32
+    assert all(not torch.equal(before[n], after[n]) for n in before)  # every trainable tensor moved
+    state = engine.gather_state()
+    assert int(state["__step__"][0]) == 3 and all(v.dtype == torch.float32 for k, v in state.items() if "/" in k)
