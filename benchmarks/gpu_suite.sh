@@ -31,7 +31,7 @@ logged python3 -c "import torch, ray, deepspeed, open_clip; print('torch', torch
 case "$stage" in
     tests) logged python3 -m pytest -q -p no:cacheprovider tests/gpu ;;
     train) logged python3 benchmarks/train_step.py --arch ViT-B-32 --precision bf16 --gpu --zero 0 1 2 --workers 1 \
-               --images 2000 --epochs 2 --out "$out/train_step_h100.json" ;;
+               --images 6000 --epochs 2 --out "$out/train_step_h100.json" ;;
     serve) logged python3 benchmarks/serve_latency.py --arch ViT-B-32 --images 100000 --device cuda \
                --out "$out/serve_latency_h100.json" ;;
     *) echo "unknown stage $stage (tests|train|serve)" >&2; exit 2 ;;

@@ -45,6 +45,7 @@ def test_s3_prepare_train_checkpoint_and_resume_on_fewer_workers(ray_cluster, s3
     # that delayed every epoch's first batch; harma.data.datasets.FOOTER_ACTORS).
     assert _footer_reader_actors() - footer_readers == 1
     assert 0 <= first.input_wait_seconds <= first.loop_seconds
+    assert 0 < first.startup_wait_seconds <= first.input_wait_seconds  # the first epoch's first batch
     assert first.best_checkpoint.startswith("s3://rs-runs/runs/s3-run/checkpoint_")
     model, saved_cfg = load_checkpoint(first.best_checkpoint)
     assert saved_cfg.run.name == "s3-run"

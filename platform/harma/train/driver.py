@@ -57,6 +57,7 @@ class FitResult:
     report_dir: str
     loop_seconds: float = 0.0  # rank 0's time in the step loop (data waits included), this attempt
     input_wait_seconds: float = 0.0  # of which waiting for the next batch (harma.train.input_wait)
+    startup_wait_seconds: float = 0.0  # of which the first batch of this attempt's first epoch
     pairs_per_worker: int = 0
     device: str = ""  # rank 0's torch device ("cpu", "cuda:0")
 
@@ -189,7 +190,8 @@ def fit(cfg: PlatformConfig, callbacks: list | None = None, evaluate_test: bool 
         restarts=final_meta.get("restarts", []), bad_images=sorted(set(final_meta.get("bad_images", []))),
         seconds=time.perf_counter() - t0, report_dir=storage.join(run_dir, "report"),
         loop_seconds=summary.get("loop_seconds", 0.0), pairs_per_worker=summary.get("pairs_per_worker", 0),
-        input_wait_seconds=summary.get("input_wait_seconds", 0.0), device=summary.get("device", ""))
+        input_wait_seconds=summary.get("input_wait_seconds", 0.0), device=summary.get("device", ""),
+        startup_wait_seconds=summary.get("startup_wait_seconds", 0.0))
     write_run_report(fit_result, final_meta["history"], cfg)
     return fit_result
 
