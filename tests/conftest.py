@@ -1,13 +1,14 @@
 """Shared fixtures: a tiny model config, a small generated dataset, an S3 store on loopback.
 
 Tiers: tests/unit (no Ray, default), tests/ray (marked `ray`, one shared local cluster),
-tests/gpu (marked `gpu`, skipped without CUDA).
+tests/gpu (marked `gpu`, skipped without CUDA; its Ray tests use the same `ray_cluster`).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,19 @@ def s3_server(tmp_path_factory):
         else:
             os.environ[key] = value
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """`ray.init` with 8 logical CPUs (and the machine's GPUs), so Train workers and Ray Data tasks
+    never starve on 2 cores."""
+    import ray
+
+    if "RAY_TMPDIR" not in os.environ:
+        # Short: Ray's unix socket paths under it must stay below 108 bytes.
+        os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="hr-")
+    from harma.train.driver import ensure_ray
+
+    ensure_ray(num_cpus=8)
+    yield
+    ray.shutdown()

@@ -31,7 +31,7 @@ def _cfg(tiny_model_config, prepared, out, name, **overrides) -> PlatformConfig:
 
 
 @pytest.mark.parametrize("zero", [0, 1, 2])
-def test_bf16_training_on_the_gpu_checkpoints_and_resumes(ray_gpu_cluster, prepared, tmp_path, tiny_model_config,
+def test_bf16_training_on_the_gpu_checkpoints_and_resumes(ray_cluster, prepared, tmp_path, tiny_model_config,
                                                            zero):
     cfg = _cfg(tiny_model_config, prepared, tmp_path, f"gpu-z{zero}", **{"train.deepspeed.zero_stage": zero})
     first = fit(cfg)  # 140 pairs / 16 = 8 steps

@@ -69,6 +69,7 @@ def test_input_wait_meter_times_only_the_waits_for_batches():
     for _ in meter.batches(stream([4.0, 1.0, 0.0])):
         clock.now += 2.0  # the step: not input wait
     assert meter.first_batch_s == 4.0 and meter.epoch_wait_s == 5.5 and meter.total_wait_s == 5.5
+    assert meter.startup_wait_s == 4.0
     # wall since creation: 5.5 waiting + 3 x 2.0 stepping
     assert meter.window_fraction() == pytest.approx(5.5 / 11.5)
     clock.now += 1.0
@@ -77,6 +78,7 @@ def test_input_wait_meter_times_only_the_waits_for_batches():
         pass
     assert meter.first_batch_s == 3.0 and meter.epoch_wait_s == 3.5  # per epoch
     assert meter.total_wait_s == 9.0  # across epochs
+    assert meter.startup_wait_s == 4.0  # the first epoch's first batch, kept
     assert meter.window_fraction() == 1.0
 
 

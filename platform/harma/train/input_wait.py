@@ -4,10 +4,11 @@
     for batch in meter.batches(shard.iter_batches(...)):   # one call per epoch
         ...step...
         meter.window_fraction()     # share of wall time spent waiting since the last call
-    meter.epoch_wait_s, meter.first_batch_s, meter.total_wait_s
+    meter.epoch_wait_s, meter.first_batch_s, meter.total_wait_s, meter.startup_wait_s
 
 Only the time inside the iterator's `next()` counts: Ray Data's stream start-up at each epoch
 (listing, reading, the first decoded block) shows as `first_batch_s`, later stalls as the rest.
+`startup_wait_s` is the first batch of the meter's first epoch (worker processes starting too).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ class InputWaitMeter:
         self.total_wait_s = 0.0
         self.epoch_wait_s = 0.0
         self.first_batch_s = 0.0
+        self.startup_wait_s = 0.0
+        self._started = False
         self._window_wait = 0.0
         self._window_start = clock()
 
@@ -57,3 +60,5 @@ class InputWaitMeter:
         self._window_wait += waited
         if first:
             self.first_batch_s = waited
+            if not self._started:
+                self.startup_wait_s, self._started = waited, True

@@ -113,7 +113,6 @@ def train_worker(loop_config: dict) -> dict:
     t_start, steps_at_start = time.perf_counter(), trainer.global_step
     loop_seconds, pairs_seen = 0.0, 0
     input_wait = InputWaitMeter()
-    startup_wait = None  # this attempt's first batch: worker processes starting, the stream's start-up
     for epoch in range(start_epoch, epochs):
         last: dict = {}
         t_epoch = time.perf_counter()
@@ -140,8 +139,6 @@ def train_worker(loop_config: dict) -> dict:
                 _write_progress(run_dir, trainer.global_step)
 
         loop_seconds += time.perf_counter() - t_epoch
-        if startup_wait is None:
-            startup_wait = input_wait.first_batch_s
 
         # --- validate, checkpoint, report (every rank reports: it is a barrier) ----------------
         waited = {"input_wait_s": input_wait.epoch_wait_s, "first_batch_s": input_wait.first_batch_s}
@@ -172,7 +169,7 @@ def train_worker(loop_config: dict) -> dict:
     return {"steps": trainer.global_step, "best_val": best_val, "bad_images": bad_images,
             "restarts": restarts, "world_size": world, "nodes": nodes,
             "loop_seconds": loop_seconds, "input_wait_seconds": input_wait.total_wait_s,
-            "pairs_per_worker": pairs_seen, "device": str(device), "startup_wait_seconds": startup_wait or 0.0}
+            "pairs_per_worker": pairs_seen, "device": str(device), "startup_wait_seconds": input_wait.startup_wait_s}
 
 
 def _check_bad_fraction(bad: list[str], total_images: int, limit: float) -> None:
