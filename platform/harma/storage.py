@@ -135,6 +135,30 @@ def exists(uri: str | Path) -> bool:
         raise StorageError(f"{uri}: cannot check ({_short(err)})") from None
 
 
+def size(uri: str | Path) -> int:
+    """A file's size in bytes (StorageError if it does not exist)."""
+    fs, path = resolve(uri)
+    try:
+        info = fs.get_file_info(path)
+    except OSError as err:
+        raise StorageError(f"{uri}: cannot check ({_short(err)})") from None
+    if info.type != pafs.FileType.File:
+        raise StorageError(f"{uri}: no such file")
+    return int(info.size)
+
+
+def read_head(uri: str | Path, nbytes: int) -> bytes:
+    """The first `nbytes` of a file (fewer if it is shorter), without reading the rest."""
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_file(path) as f:
+            return f.read(nbytes)
+    except FileNotFoundError:
+        raise StorageError(f"{uri}: no such file") from None
+    except OSError as err:
+        raise StorageError(f"{uri}: cannot read ({_short(err)})") from None
+
+
 def makedirs(uri: str | Path) -> None:
     fs, path = resolve(uri)
     if isinstance(fs, pafs.LocalFileSystem):

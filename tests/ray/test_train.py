@@ -13,6 +13,7 @@ from harma.config import PlatformConfig
 from harma.data.prepare import prepare_dataset
 from harma.model.checkpoint import load_checkpoint
 from harma.train.driver import PreflightError, fit
+from harma.train.stored import stored_checkpoints
 
 
 def _cfg(tiny_model_config, prepared, out, name, **overrides) -> PlatformConfig:
@@ -73,20 +74,26 @@ def _footer_reader_actors() -> int:
     return len(list_actors(filters=[("class_name", "=", "FooterReader")], limit=10_000))
 
 
-def _kill_a_worker_when(progress: Path, step: int, killed: list) -> None:
+def _kill_a_worker_when(ready, killed: list, poll_s: float = 0.2) -> None:
+    """SIGKILL one Ray Train worker process as soon as `ready()` holds (within 240 s)."""
     deadline = time.time() + 240
     while time.time() < deadline and not killed:
-        try:
-            reached = json.loads(progress.read_text())["step"]
-        except (OSError, ValueError):
-            reached = 0
-        if reached >= step:
+        if ready():
             for proc in psutil.process_iter(["pid", "cmdline"]):
                 if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
                     os.kill(proc.info["pid"], 9)
                     killed.append(proc.info["pid"])
                     return
-        time.sleep(0.2)
+        time.sleep(poll_s)
+
+
+def _progress_reached(progress: Path, step: int):
+    def ready() -> bool:
+        try:
+            return json.loads(progress.read_text())["step"] >= step
+        except (OSError, ValueError):
+            return False
+    return ready
 
 
 def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, prepared, tmp_path, tiny_model_config):
@@ -94,8 +101,8 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, prepared, tmp_p
     cfg = _cfg(tiny_model_config, prepared, tmp_path, "killed", **{"train.epochs": 5})
     killed: list = []
     # Kill after the first epoch's checkpoint (step 8) once step 12 is reached.
-    watcher = threading.Thread(target=_kill_a_worker_when,
-                               args=(tmp_path / "killed" / "progress.json", 12, killed), daemon=True)
+    watcher = threading.Thread(target=_kill_a_worker_when, daemon=True,
+                               args=(_progress_reached(tmp_path / "killed" / "progress.json", 12), killed))
     watcher.start()
     result = fit(cfg)
     watcher.join(timeout=5)
@@ -103,6 +110,24 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, prepared, tmp_p
     assert result.steps == 40
     assert result.restarts and result.restarts[0]["resumed_at_step"] in (8, 16, 24, 32)
     assert result.restarts[0]["steps_redone"] >= 1
+
+
+def test_worker_killed_right_after_its_checkpoint_resumes_from_that_checkpoint(
+        ray_cluster, prepared, tmp_path, tiny_model_config):
+    # Ray registers a reported checkpoint at its controller's next poll (every 2 s); a worker killed
+    # before that poll used to restart the run from step 0. The kill here comes within ~0.1 s of the
+    # checkpoint being whole in storage, mostly before that poll; the run must resume at step 8.
+    cfg = _cfg(tiny_model_config, prepared, tmp_path, "quick-kill", **{"train.epochs": 2})
+    killed: list = []
+    watcher = threading.Thread(target=_kill_a_worker_when, daemon=True, args=(
+        lambda: bool(stored_checkpoints(str(tmp_path / "quick-kill"))), killed, 0.05))
+    watcher.start()
+    result = fit(cfg, evaluate_test=False)
+    watcher.join(timeout=5)
+    assert killed, "no worker was killed"
+    assert result.steps == 16
+    assert [r["resumed_at_step"] for r in result.restarts] == [8]
+    assert result.best_checkpoint.split("/")[-1].startswith("checkpoint_")
 
 
 def test_bad_fraction_in_the_prepare_report_stops_before_any_worker(ray_cluster, tmp_path, synth_root,

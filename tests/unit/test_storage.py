@@ -58,3 +58,21 @@ def test_ray_storage_and_paths_ray_reports(tmp_path, s3_server):
     assert path == "bucket/runs" and fs is not None
     assert storage.from_ray_path("bucket/runs/ckpt", "s3://bucket/runs") == "s3://bucket/runs/ckpt"
     assert storage.from_ray_path("/abs/runs/ckpt", tmp_path) == "/abs/runs/ckpt"
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_size_and_read_head(where, tmp_path, request):
+    if where == "s3":
+        request.getfixturevalue("s3_server").create_bucket("heads")
+        base = "s3://heads/k"
+    else:
+        base = str(tmp_path)
+    uri = storage.join(base, "f.bin")
+    storage.write_bytes(uri, bytes(range(200)))
+    assert storage.size(uri) == 200
+    assert storage.read_head(uri, 5) == bytes(range(5))
+    assert storage.read_head(uri, 1000) == bytes(range(200))
+    with pytest.raises(storage.StorageError, match="no such file"):
+        storage.size(storage.join(base, "missing.bin"))
+    with pytest.raises(storage.StorageError, match="no such file"):
+        storage.read_head(storage.join(base, "missing.bin"), 8)

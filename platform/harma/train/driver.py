@@ -34,6 +34,7 @@ from harma.model.backbone import arch_info, build_tokenizer
 from harma.model.checkpoint import load_checkpoint
 from harma.train.evaluate import evaluate_arrays
 from harma.train.loop import train_worker
+from harma.train.stored import best_on_val, stored_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -175,12 +176,13 @@ def fit(cfg: PlatformConfig, callbacks: list | None = None, evaluate_test: bool 
     )
     result = trainer.fit()
     summary = result.return_value or {}
-    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_mr", -1))
-    best_uri = storage.from_ray_path(best_ckpt.path, cfg.run.output_dir)
+    # From storage, not Ray's records: a checkpoint whose worker died before Ray registered it
+    # still counts (harma.train.stored).
+    checkpoints = stored_checkpoints(run_dir)
+    best = best_on_val(checkpoints)
+    best_uri, best_metrics = best.uri, best.metrics()
     test = evaluate_checkpoint(best_uri, cfg.data.prepared_uri, cfg.data.test_split) if evaluate_test else {}
-    final_meta = json.loads(storage.read_bytes(storage.join(
-        storage.from_ray_path(result.checkpoint.path, cfg.run.output_dir),
-        "metrics.json")))
+    final_meta = checkpoints[-1].metrics()
     fit_result = FitResult(
         run_dir=run_dir, best_checkpoint=best_uri,
         best_val={k[4:]: v for k, v in best_metrics.items() if k.startswith("val_")},

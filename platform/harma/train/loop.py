@@ -1,8 +1,9 @@
 """The Ray Train worker: `train_worker(loop_config)` runs on every worker of `harma train`.
 
 One linear function, split by section comments: config -> model -> DeepSpeed -> resume -> epochs of
-`train_step` on this worker's shard of the Ray Data stream -> validation on rank 0 -> checkpoint and
-report on every rank. A checkpoint holds `adapter.safetensors`, `config.yaml`, `metrics.json` and
+`train_step` on this worker's shard of the Ray Data stream (the next epoch's stream started before
+validation, `harma.train.prefetch`) -> validation on rank 0 -> checkpoint and report on every rank.
+A checkpoint holds `adapter.safetensors`, `config.yaml`, `metrics.json` and
 `trainer_state.safetensors` (fp32 weights, Adam moments and step of the trainable parameters, gathered
 into one world-size-independent copy), so a run written by N workers resumes on M workers.
 """
@@ -18,7 +19,9 @@ import time
 import numpy as np
 import ray.train
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
 import ray
 from harma import storage
@@ -27,16 +30,17 @@ from harma.data.local import eval_arrays
 from harma.data.prepared import load_prepared_split
 from harma.data.transforms import normalize_pixels
 from harma.model.backbone import build_tokenizer
-from harma.model.checkpoint import save_checkpoint
+from harma.model.checkpoint import METRICS_FILE, save_checkpoint
 from harma.model.harma import build_model
 from harma.train.engine import DeepSpeedEngine, deepspeed_config, prepare_deepspeed_env
 from harma.train.evaluate import evaluate_arrays
 from harma.train.input_wait import InputWaitMeter
 from harma.train.optim import param_groups
+from harma.train.prefetch import EpochStreams
 from harma.train.step import train_step
+from harma.train.stored import STATE_FILE, stored_checkpoints
 
 log = logging.getLogger(__name__)
-STATE_FILE = "trainer_state.safetensors"
 PROGRESS_FILE = "progress.json"
 
 
@@ -85,11 +89,13 @@ def train_worker(loop_config: dict) -> dict:
     bad_images: list[str] = []
     restarts: list[dict] = []
     start_epoch, best_val = 0, None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            trainer.restore_state(load_file(os.path.join(d, STATE_FILE)))
-            saved = json.loads(open(os.path.join(d, "metrics.json")).read())
+    # The newest checkpoint in storage, not only the one Ray registered (see harma.train.stored);
+    # rank 0 chooses so that every rank loads the same one.
+    chosen = [_choose_resume_checkpoint(run_dir, ray.train.get_checkpoint()) if rank == 0 else None]
+    torch.distributed.broadcast_object_list(chosen, src=0)
+    if chosen[0] is not None:
+        state, saved = _read_resume_state(chosen[0])
+        trainer.restore_state(state)
         start_epoch = saved["epoch"]
         history, bad_images, restarts = saved["history"], saved["bad_images"], saved["restarts"]
         best_val = saved.get("best_val")
@@ -98,8 +104,8 @@ def train_worker(loop_config: dict) -> dict:
         restarts.append({"resumed_at_step": trainer.global_step, "steps_redone": redone,
                          "world_size": world})
         if rank == 0:
-            log.info("[harma] resumed at step %d (epoch %d) on %d worker(s); %d step(s) will be "
-                     "redone", trainer.global_step, start_epoch, world, redone)
+            log.info("[harma] resumed at step %d (epoch %d) on %d worker(s) from %s; %d step(s) will "
+                     "be redone", trainer.global_step, start_epoch, world, chosen[0], redone)
 
     # --- validation data (rank 0 evaluates; ZeRO <= 2 keeps full weights on every rank) --------
     val = None
@@ -110,16 +116,17 @@ def train_worker(loop_config: dict) -> dict:
 
     # --- epochs --------------------------------------------------------------------------------
     shard = ray.train.get_dataset_shard("train")
+    streams = EpochStreams(lambda epoch: shard.iter_batches(
+        batch_size=micro_batch, drop_last=True, batch_format="numpy",
+        local_shuffle_buffer_size=4 * micro_batch, prefetch_batches=2,
+        local_shuffle_seed=(cfg.run.seed + epoch) if cfg.data.deterministic else None))
     t_start, steps_at_start = time.perf_counter(), trainer.global_step
     loop_seconds, pairs_seen = 0.0, 0
     input_wait = InputWaitMeter()
     for epoch in range(start_epoch, epochs):
         last: dict = {}
         t_epoch = time.perf_counter()
-        stream = shard.iter_batches(batch_size=micro_batch, drop_last=True, batch_format="numpy",
-                                    local_shuffle_buffer_size=4 * micro_batch, prefetch_batches=2,
-                                    local_shuffle_seed=(cfg.run.seed + epoch) if cfg.data.deterministic else None)
-        for batch in input_wait.batches(stream):
+        for batch in input_wait.batches(streams.take(epoch)):
             if trainer.global_step >= total_steps:
                 break
             tensors, bad = _to_torch(batch)
@@ -139,6 +146,8 @@ def train_worker(loop_config: dict) -> dict:
                 _write_progress(run_dir, trainer.global_step)
 
         loop_seconds += time.perf_counter() - t_epoch
+        if epoch + 1 < epochs and trainer.global_step < total_steps:
+            streams.start(epoch + 1)  # every rank alike; its start-up overlaps validation
 
         # --- validate, checkpoint, report (every rank reports: it is a barrier) ----------------
         waited = {"input_wait_s": input_wait.epoch_wait_s, "first_batch_s": input_wait.first_batch_s}
@@ -170,6 +179,29 @@ def train_worker(loop_config: dict) -> dict:
             "restarts": restarts, "world_size": world, "nodes": nodes,
             "loop_seconds": loop_seconds, "input_wait_seconds": input_wait.total_wait_s,
             "pairs_per_worker": pairs_seen, "device": str(device), "startup_wait_seconds": input_wait.startup_wait_s}
+
+
+def _read_resume_state(uri: str) -> tuple[dict[str, torch.Tensor], dict]:
+    state = load_safetensors(storage.read_bytes(storage.join(uri, STATE_FILE)))
+    return state, json.loads(storage.read_bytes(storage.join(uri, METRICS_FILE)))
+
+
+def _choose_resume_checkpoint(run_dir: str, registered: ray.train.Checkpoint | None) -> str | None:
+    """The newest stored checkpoint whose state loads; Ray's registered one if storage lists none."""
+    try:
+        candidates = [c.uri for c in reversed(stored_checkpoints(run_dir))]
+    except storage.StorageError as err:
+        log.warning("[harma] cannot list the run's checkpoints (%s); using Ray's record", err)
+        candidates = []
+    if registered is not None:
+        candidates.append(storage.from_ray_path(registered.path, run_dir))
+    for uri in candidates:
+        try:
+            _read_resume_state(uri)
+            return uri
+        except (storage.StorageError, SafetensorError, ValueError, KeyError) as err:
+            log.warning("[harma] checkpoint %s cannot be resumed from (%s); trying an older one", uri, err)
+    return None
 
 
 def _check_bad_fraction(bad: list[str], total_images: int, limit: float) -> None:
