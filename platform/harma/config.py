@@ -140,8 +140,9 @@ class DataConfig(_Section):
     )
     deterministic: bool = Field(
         False,
-        description="Ray path: seed file order, shuffle buffer and augmentation from run.seed "
-        "(reproducible runs; an image then gets the same augmentation every epoch).",
+        description="Ray path: seed shard order, in-shard order, shuffle buffer and augmentation "
+        "from run.seed (reproducible runs; an image then gets the same augmentation and in-shard "
+        "place every epoch).",
     )
     train_split: str = "train"
     val_split: str = "val"

@@ -202,7 +202,8 @@ def run_demo(cfg: PlatformConfig, out: str, port: int = 8000, keep_serving: bool
              summary["trainable_params"], summary["total_params"], adapt_cfg.model.adapter.layout)
     adapt = fit(adapt_cfg)
 
-    log.info("[4/5] evaluating on test (best checkpoint on val: step %s)", adapt.best_val.get("step"))
+    log.info("[4/5] evaluating on test (best checkpoint on val: step %d, val mR %.2f)",
+             adapt.best_step, adapt.best_val["mr"])
     best_model, _ = load_checkpoint(adapt.best_checkpoint)
     after = evaluate_arrays(best_model, test_images, test_tokens, test_split.caption_image)
     history = [json.loads(line) for line in storage.read_bytes(
@@ -218,6 +219,7 @@ def run_demo(cfg: PlatformConfig, out: str, port: int = 8000, keep_serving: bool
         "test_after": after,
         "mr_gain": after["mr"] - before["mr"],
         "best_val": adapt.best_val,
+        "best_step": adapt.best_step,
         "checkpoint": adapt.best_checkpoint,
         "run_dir": adapt.run_dir,
         "workers": adapt.world_size,

@@ -4,6 +4,7 @@ The simulated cluster starts with one 2-CPU worker node; each Train worker asks 
 only one fits and the run (workers 1..2) starts on 1 worker. Once its first checkpoint is in
 storage, a second node joins; Train's resize monitor (every 3 s here) sees room for a second
 worker, restarts the group at 2 workers, and the train function resumes from that checkpoint.
+12 epochs: enough for the run to be still going when the resize happens (an epoch takes ~1 s).
 """
 
 import glob
@@ -32,7 +33,7 @@ def run() -> None:
                                         "adapter": {"rank": 16, "heads": 4, "mini_rank": 8, "mini_heads": 4}})
     cfg = PlatformConfig(model=model).with_overrides({
         "run.name": "grows", "run.output_dir": out, "data.prepared_uri": prepared,
-        "train.batch_size": 16, "train.epochs": 6, "train.workers.min": 1, "train.workers.max": 2,
+        "train.batch_size": 16, "train.epochs": 12, "train.workers.min": 1, "train.workers.max": 2,
         "train.workers.cpus_per_worker": 1.5, "train.workers.resize_interval_s": 3,
         "train.workers.max_failures": 3, "train.log_every": 4})
     try:

@@ -46,7 +46,7 @@ def test_trains_across_two_nodes(tmp_path, prepared):
 def test_elastic_run_grows_when_a_node_joins(tmp_path, prepared):
     result = run_scenario("elastic_run.py", prepared, tmp_path / "runs")
     assert result["checkpoints_before"] >= 1  # the node joined after a checkpoint at 1 worker
-    assert result["steps"] == 6 * 8  # every step of the run, none lost to the resize
+    assert result["steps"] == 12 * 8  # every step of the run, none lost to the resize
     assert result["world_size"] == 2
     assert set(result["nodes"]) == set(result["node_ids"])  # the new node got the second worker
     grown = [r for r in result["restarts"] if r["world_size"] == 2]

@@ -42,12 +42,13 @@ def test_s3_prepare_train_checkpoint_and_resume_on_fewer_workers(ray_cluster, s3
     footer_readers = _footer_reader_actors()
     first = fit(cfg)  # 140 pairs / 16 = 8 steps on 2 workers
     assert first.steps == 8 and first.world_size == 2 and first.device == "cpu"
-    # One Parquet footer-reading actor for the epoch's stream, not Ray Data's 32 (process starts
-    # that delayed every epoch's first batch; harma.data.datasets.FOOTER_ACTORS).
-    assert _footer_reader_actors() - footer_readers == 1
+    # No Parquet footer-reading actor (a new process) at each epoch's start: the stream reads the
+    # shards the driver listed once (harma.data.datasets.build_train_dataset).
+    assert _footer_reader_actors() - footer_readers == 0
     assert 0 <= first.input_wait_seconds <= first.loop_seconds
     assert 0 < first.startup_wait_seconds <= first.input_wait_seconds  # the first epoch's first batch
     assert first.best_checkpoint.startswith("s3://rs-runs/runs/s3-run/checkpoint_")
+    assert first.best_step == 8  # the one checkpoint of a one-epoch run
     model, saved_cfg = load_checkpoint(first.best_checkpoint)
     assert saved_cfg.run.name == "s3-run"
 
@@ -64,6 +65,9 @@ def test_s3_prepare_train_checkpoint_and_resume_on_fewer_workers(ray_cluster, s3
     history = [json.loads(line) for line in storage.read_bytes(f"{second.report_dir}/history.jsonl").splitlines()]
     epochs = [r for r in history if "val_mr" in r]
     assert [r["epoch"] for r in epochs] == [1, 2]  # each epoch says how long it waited for input
+    best = max(reversed(epochs), key=lambda r: r["val_mr"])  # the latest of equal val mRs
+    assert report["best_step"] == second.best_step == best["step"]
+    assert second.best_val["mr"] == pytest.approx(best["val_mr"])
     assert all(0 <= r["first_batch_s"] <= r["input_wait_s"] for r in epochs)
     assert storage.read_bytes(f"{second.report_dir}/training.png")[:4] == b"\x89PNG"
 

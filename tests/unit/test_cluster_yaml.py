@@ -55,3 +55,12 @@ def test_every_ray_start_sets_up_serves_haproxy_ingress():
         before_start = start.split("ray start")[0]
         assert f"{HAPROXY_FLAG}=1" in before_start and f"{SAME_LOOP_FLAG}=0" in before_start, (key, start)
         assert f'{RETRY_VAR}="{RETRY_ON}"' in before_start, (key, start)
+
+
+def test_every_ray_start_keeps_data_worker_processes_between_epochs():
+    from harma.train.driver import WORKER_LIMIT_VAR, WORKERS_PER_CPU
+
+    cfg = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        [start] = [cmd for cmd in cfg[key] if "ray start" in cmd]
+        assert f"{WORKER_LIMIT_VAR}=$(({WORKERS_PER_CPU} * $(nproc)))" in start.split("ray start")[0], start

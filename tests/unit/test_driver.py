@@ -1,5 +1,7 @@
 """The training driver's checks before any worker starts, and its step plan (no Ray started)."""
 
+import os
+
 import pytest
 
 from harma.config import PlatformConfig
@@ -51,3 +53,26 @@ def test_local_paths_become_absolute_and_missing_weights_stop_early(tmp_path, mo
     (tmp_path / "store" / "x").mkdir(parents=True)
     with pytest.raises(PreflightError, match="weights_uri .*base.safetensors: no such file"):
         preflight(absolute)
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "24"), ("7", "7")])
+def test_a_local_cluster_keeps_four_idle_workers_per_logical_cpu(monkeypatch, preset, expected):
+    # Ray's default (one per CPU) ended Ray Data's surplus worker processes between epochs, and
+    # every epoch paid new processes importing torch again.
+    import ray
+    from harma.serve import ingress
+    from harma.train import driver
+
+    started = {}
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # nothing ensure_ray sets outlives the test
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: started.update(kw, limit=os.environ.get(driver.WORKER_LIMIT_VAR)))
+    monkeypatch.setattr(ingress, "ensure_fast_ingress", lambda: None)
+    if preset is None:
+        monkeypatch.delenv(driver.WORKER_LIMIT_VAR, raising=False)
+    else:
+        monkeypatch.setenv(driver.WORKER_LIMIT_VAR, preset)
+    driver.ensure_ray(num_cpus=6)
+    assert driver.WORKER_LIMIT_VAR == "RAY_num_workers_soft_limit"  # the name Ray's config reads
+    assert started["num_cpus"] == 6 and started["limit"] == expected

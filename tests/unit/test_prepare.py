@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from harma.cli import main
-from harma.data.datasets import pairs_from_images
+from harma.data.datasets import pairs_from_images, shuffle_rows
 from harma.data.prepare import prepare_dataset
 from harma.data.prepared import count_captions, load_prepared_split
 from harma.data.schema import PARQUET_SCHEMA
@@ -74,3 +74,23 @@ def test_pairs_from_images_expands_captions_and_flags_bad_rows(synth_root):
     assert out["image_id"].tolist() == [7, 7, -1]
     assert out["bad_key"].tolist() == ["", "", "b.png"]
     assert not np.array_equal(out["pixels"][0], out["pixels"][1])  # own augmentation per pair
+
+
+def test_shuffle_rows_reorders_a_block_keeping_every_row():
+    import pyarrow as pa
+
+    block = pa.table({"image_id": list(range(100, 164)), "image": [bytes([i]) for i in range(64)]})
+    first, second = shuffle_rows(block), shuffle_rows(block)
+    for out in (first, second):
+        assert sorted(out.column("image_id").to_pylist()) == list(range(100, 164))
+        # rows move whole: each id keeps its own bytes
+        assert all(img == bytes([i - 100]) for i, img in zip(out.column("image_id").to_pylist(),
+                                                               out.column("image").to_pylist(), strict=True))
+    # fresh order on every call (every epoch): two equal orders of 64 rows have odds 1/64!
+    assert first.column("image_id").to_pylist() != second.column("image_id").to_pylist()
+    assert first.column("image_id").to_pylist() != list(range(100, 164))
+    seeded = [shuffle_rows(block, seed=3).column("image_id").to_pylist() for _ in range(2)]
+    assert seeded[0] == seeded[1] != list(range(100, 164))
+    assert shuffle_rows(block, seed=4).column("image_id").to_pylist() != seeded[0]
+    one = block.slice(0, 1)
+    assert shuffle_rows(one).equals(one) and shuffle_rows(block.slice(0, 0)).num_rows == 0

@@ -6,19 +6,25 @@
 Reading, decoding, augmentation and tokenisation all run in Ray Data tasks with fractional CPU
 requests (so they never starve next to the Train workers on a small machine); nothing is copied
 to local disk. Each image row becomes one row per caption, each with its own augmentation draw.
-File order is reshuffled on every pass (every epoch re-executes the pipeline; streaming, no
-all-to-all step), and the workers add a local shuffle buffer. An undecodable image becomes one row
-with `image_id == -1` and its key in `bad_key`, which the worker counts, names in the run report
-and drops.
+Every pass (every epoch re-executes the pipeline) reshuffles twice without an all-to-all step:
+the order of the shards, and the order of the images inside each shard as it is read
+(`shuffle_rows`); the workers add a local shuffle buffer. Without the second, an image met the
+same few dozen neighbours, hence the same in-batch negatives, in every epoch. An undecodable
+image becomes one row with `image_id == -1` and its key in `bad_key`, which the worker counts,
+names in the run report and drops.
 """
 
 from __future__ import annotations
 
+import io
 import random
 from functools import lru_cache
 
 import numpy as np
-from ray.data import FileShuffleConfig
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from ray.data import RandomSeedConfig
 
 import ray
 from harma import storage
@@ -28,6 +34,8 @@ from harma.data.transforms import augment_image, decode_image, to_uint8, tokeniz
 
 READ_CPUS = 0.25
 MAP_CPUS = 0.5
+IMAGES_PER_TASK = 32  # images per decode task: small enough to spread an epoch over every core
+STREAM_COLUMNS = ["image", "image_key", "image_id", "captions"]
 # Ray Data's Parquet reader (2.60) lists files through 32 footer-reading actors, new processes,
 # started again at every execution, i.e. every epoch: on the demo each epoch's first batch took
 # 4-8 s, 2 s with one actor (the `input wait` figures of the progress lines). One actor
@@ -42,6 +50,19 @@ def _tokenizer(arch: str):
     from harma.model.backbone import build_tokenizer
 
     return build_tokenizer(arch)
+
+
+def shuffle_rows(block: pa.Table, seed: int | None = None) -> pa.Table:
+    """Map function: a block of image rows (one shard, as read) in a random order.
+
+    Fresh randomness on every call, i.e. every epoch, unless seeded; a seeded order depends only
+    on the seed and the block's first image id (the same in every epoch, like the rest of a
+    deterministic run's draws).
+    """
+    if block.num_rows < 2:
+        return block
+    rng = np.random.default_rng(None if seed is None else [seed, int(block.column("image_id")[0].as_py())])
+    return block.take(pa.array(rng.permutation(block.num_rows)))
 
 
 def pairs_from_images(
@@ -77,21 +98,42 @@ def pairs_from_images(
             "bad_key": np.array(bad, dtype=object)}
 
 
+def read_shards(batch: dict[str, np.ndarray], filesystem: pafs.FileSystem, seed: int | None = None) -> pa.Table:
+    """Map function: prepared shards (paths on `filesystem`) -> their image rows, in a random order.
+
+    Each shard is fetched whole (one GET on S3) and parsed in memory; a shard is bounded by
+    `harma data prepare --shard-images`.
+    """
+    tables = []
+    for path in batch["path"]:
+        with filesystem.open_input_stream(str(path)) as stream:
+            tables.append(pq.read_table(io.BytesIO(stream.read()), columns=STREAM_COLUMNS))
+    return shuffle_rows(pa.concat_tables(tables), seed)
+
+
 def build_train_dataset(data: DataConfig, arch: str, image_size: int, seed: int = 0) -> ray.data.Dataset:
-    """The training stream of `data.prepared_uri`'s train split (seeded if `data.deterministic`)."""
+    """The training stream of `data.prepared_uri`'s train split (seeded if `data.deterministic`).
+
+    Shard URIs in a new order each epoch -> one read task per shard (rows shuffled) -> blocks of
+    `IMAGES_PER_TASK` images -> decode, augment, tokenise on every core.
+    """
     files = split_files(data.prepared_uri, data.train_split)
+    fixed = seed if data.deterministic else None
+    # The driver's filesystem (endpoint and credentials) goes to the read tasks with them.
     fs, _ = storage.resolve(files[0])
-    paths = [storage.resolve(f)[1] for f in files]
-    # File order reshuffled on every execution (epoch), reseeded per epoch when seeded. Not
-    # randomize_block_order(): an all-to-all step that held back every block until all shards
-    # were read, so each epoch began with seconds of input wait.
-    shuffle = FileShuffleConfig(seed=seed if data.deterministic else None, reseed_after_execution=True)
-    ds = ray.data.read_parquet(paths, filesystem=fs, num_cpus=READ_CPUS, shuffle=shuffle,
-                               columns=["image", "image_key", "image_id", "captions"])
+    # The shard list is listed once, here: no listing task or Parquet footer-reading actor (a new
+    # process) at the start of every epoch, as ray.data.read_parquet has.
+    ds = ray.data.from_items([{"path": storage.resolve(f)[1]} for f in files], override_num_blocks=len(files))
+    ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=fixed, reseed_after_execution=True))
+    ds = ds.map_batches(read_shards, fn_kwargs={"filesystem": fs, "seed": fixed}, batch_size=1,
+                        batch_format="numpy", num_cpus=READ_CPUS)
+    # read_parquet and map tasks emit blocks of up to 128 MiB: a small dataset was one block, so
+    # one task decoded the whole epoch on one core and the first batch waited for all of it.
+    ds = ds.repartition(target_num_rows_per_block=IMAGES_PER_TASK)
     return ds.map_batches(
         pairs_from_images,
         fn_kwargs={"arch": arch, "size": image_size, "augment": data.augment.model_dump(),
-                   "max_words": data.max_words, "seed": seed if data.deterministic else None},
+                   "max_words": data.max_words, "seed": fixed},
         batch_size=16,
         batch_format="numpy",
         num_cpus=MAP_CPUS,

@@ -26,7 +26,7 @@ from ray.train.torch import TorchTrainer
 import ray
 from harma import storage
 from harma.config import PlatformConfig
-from harma.data.datasets import FOOTER_ACTORS, FOOTER_ACTORS_VAR, build_train_dataset
+from harma.data.datasets import FOOTER_ACTORS, FOOTER_ACTORS_VAR, READ_CPUS, build_train_dataset
 from harma.data.local import eval_arrays
 from harma.data.prepared import count_captions, load_prepared_split, read_report
 from harma.eval import format_table
@@ -47,6 +47,7 @@ class PreflightError(ValueError):
 class FitResult:
     run_dir: str
     best_checkpoint: str
+    best_step: int  # the step the best-on-val checkpoint was taken at
     best_val: dict[str, float]
     test: dict[str, float]
     steps: int
@@ -74,6 +75,16 @@ def worker_env() -> dict[str, str]:
     return {key: os.environ[key] for key in _FORWARDED_ENV if os.environ.get(key)}
 
 
+# Ray keeps idle worker processes up to `num_workers_soft_limit` (default: the node's CPU count) and
+# ends the rest after 1 s idle. Ray Data's fractional-CPU read and decode tasks run on more
+# processes than that, so the surplus was ended while an epoch validated and the next epoch started
+# new ones, each importing torch and the tokenizer again (~2 s of CPU each; on 2 cores an epoch of
+# the demo's stream took 6.7 s instead of 1.3 s). Set before a node starts: here for local
+# clusters, in cluster.yaml for real ones (`WORKERS_PER_CPU` x the node's CPUs there too).
+WORKER_LIMIT_VAR = "RAY_num_workers_soft_limit"
+WORKERS_PER_CPU = round(1 / READ_CPUS)  # the most Data tasks one logical CPU holds at once
+
+
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Connect to the cluster in RAY_ADDRESS, or start a local one sized so Data and Train fit."""
     if ray.is_initialized():
@@ -87,8 +98,9 @@ def ensure_ray(num_cpus: int | None = None) -> None:
 
         ensure_fast_ingress()  # read by Serve's processes when the cluster starts
         # Logical CPUs above the core count: Train workers and Data tasks use fractions of them.
-        ray.init(num_cpus=num_cpus or max(4, 2 * (os.cpu_count() or 2)), runtime_env=env,
-                 log_to_driver=True)
+        num_cpus = num_cpus or max(4, 2 * (os.cpu_count() or 2))
+        os.environ.setdefault(WORKER_LIMIT_VAR, str(WORKERS_PER_CPU * num_cpus))
+        ray.init(num_cpus=num_cpus, runtime_env=env, log_to_driver=True)
 
 
 def with_absolute_paths(cfg: PlatformConfig) -> PlatformConfig:
@@ -184,7 +196,7 @@ def fit(cfg: PlatformConfig, callbacks: list | None = None, evaluate_test: bool 
     test = evaluate_checkpoint(best_uri, cfg.data.prepared_uri, cfg.data.test_split) if evaluate_test else {}
     final_meta = checkpoints[-1].metrics()
     fit_result = FitResult(
-        run_dir=run_dir, best_checkpoint=best_uri,
+        run_dir=run_dir, best_checkpoint=best_uri, best_step=best.step,
         best_val={k[4:]: v for k, v in best_metrics.items() if k.startswith("val_")},
         test=test, steps=summary.get("steps", final_meta.get("step", 0)),
         world_size=summary.get("world_size", final_meta.get("world_size", 0)),
