@@ -5,7 +5,7 @@
 Both sides decode the same prepared Parquet shards (local object-storage folder) and resize to the
 model's input size, as uint8 (the training pipeline ships uint8 and normalises on the device).
 Bare: one process, one core, a plain loop. Ray Data: the training stream's read path
-(harma.data.datasets: shard reads, rows shuffled, blocks of IMAGES_PER_TASK images) -> map_batches
+(harma.data.datasets.image_rows: shard reads, rows shuffled, blocks of IMAGES_PER_TASK images) -> map_batches
 over every core of a local Ray started as harma starts one; its rate is divided by the cores.
 Target: Ray Data per core >= 0.7 x bare. Also printed: the bare loop in one process per core at
 once, i.e. what this machine gives when every core decodes (the ceiling for Ray Data's total).
@@ -53,7 +53,7 @@ def decode_resize(batch: dict, size: int) -> dict:
 
 def ray_rate(files: list[str], size: int, cores: int) -> tuple[float, int]:
     import ray
-    from harma.data.datasets import IMAGES_PER_TASK, MAP_CPUS, READ_CPUS, read_shards
+    from harma.data.datasets import IMAGES_PER_TASK, MAP_CPUS, image_rows
     from harma.train.driver import WORKER_LIMIT_VAR, WORKERS_PER_CPU
 
     os.environ.setdefault(WORKER_LIMIT_VAR, str(WORKERS_PER_CPU * cores))  # as harma.train.driver.ensure_ray
@@ -61,14 +61,8 @@ def ray_rate(files: list[str], size: int, cores: int) -> tuple[float, int]:
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         # The training stream's read path and task sizes, with decode + resize as the map.
-        from pyarrow.fs import LocalFileSystem
-
-        ds = (ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
-              .map_batches(read_shards, fn_kwargs={"filesystem": LocalFileSystem()}, batch_size=1,
-                           batch_format="numpy", num_cpus=READ_CPUS)
-              .repartition(target_num_rows_per_block=IMAGES_PER_TASK)
-              .map_batches(decode_resize, fn_kwargs={"size": size}, batch_size=IMAGES_PER_TASK,
-                           batch_format="numpy", num_cpus=MAP_CPUS))
+        ds = image_rows(files).map_batches(decode_resize, fn_kwargs={"size": size}, batch_size=IMAGES_PER_TASK,
+                                           batch_format="numpy", num_cpus=MAP_CPUS)
         ds.materialize()  # warm-up: worker processes started and imports done
         t0 = time.perf_counter()
         n = sum(len(b["pixels"]) for b in ds.iter_batches(batch_size=256, batch_format="numpy",

@@ -62,10 +62,11 @@ def test_best_on_val_takes_the_latest_of_equal_scores(tmp_path):
 def test_resume_takes_the_newest_stored_checkpoint_over_ray_s_older_record(tmp_path):
     run = _run_dir(tmp_path)
     registered = SimpleNamespace(path=storage.join(run, "checkpoint_2026-11-24_10-00-01"))  # step 8
-    chosen = _choose_resume_checkpoint(run, registered)
+    chosen, (state, saved) = _choose_resume_checkpoint(run, registered)
     assert chosen == storage.join(run, "checkpoint_2026-11-24_10-00-03")
-    state, saved = _read_resume_state(chosen)
-    assert int(state["__step__"][0]) == 24 and saved["step"] == 24
+    assert int(state["__step__"][0]) == 24 and saved["step"] == 24  # what it loaded while choosing
+    reread, _ = _read_resume_state(chosen)
+    assert torch.equal(reread["__step__"], state["__step__"])
 
 
 def test_checkpoints_cut_short_mid_upload_are_skipped(tmp_path):
@@ -79,7 +80,7 @@ def test_checkpoints_cut_short_mid_upload_are_skipped(tmp_path):
     assert [c.step for c in found] == [8, 16, 24]  # none of the three step-32 ones
     assert no_config not in {c.uri for c in found}
     assert best_on_val(found).step == 24  # the cut-short ones' val 99 is never chosen
-    assert _choose_resume_checkpoint(run, None) == storage.join(run, "checkpoint_2026-11-24_10-00-03")
+    assert _choose_resume_checkpoint(run, None)[0] == storage.join(run, "checkpoint_2026-11-24_10-00-03")
 
 
 def test_check_safetensors_whole(tmp_path):
@@ -96,14 +97,14 @@ def test_check_safetensors_whole(tmp_path):
 
 def test_resume_skips_a_registered_checkpoint_whose_state_does_not_load(tmp_path):
     broken = _write(str(tmp_path / "restored"), "checkpoint_a", 8, 1.0, state=b"not safetensors")
-    assert _choose_resume_checkpoint(str(tmp_path / "runs" / "fresh"), SimpleNamespace(path=broken)) is None
+    assert _choose_resume_checkpoint(str(tmp_path / "runs" / "fresh"), SimpleNamespace(path=broken)) == (None, None)
 
 
 def test_resume_with_nothing_stored_uses_ray_s_record_or_starts_fresh(tmp_path):
     empty = str(tmp_path / "runs" / "fresh")
-    assert _choose_resume_checkpoint(empty, None) is None
+    assert _choose_resume_checkpoint(empty, None) == (None, None)
     elsewhere = _write(str(tmp_path / "restored"), "checkpoint_a", 8, 1.0)
-    assert _choose_resume_checkpoint(empty, SimpleNamespace(path=elsewhere)) == elsewhere
+    assert _choose_resume_checkpoint(empty, SimpleNamespace(path=elsewhere))[0] == elsewhere
 
 
 def test_stored_checkpoints_on_s3(s3_server):
@@ -115,4 +116,4 @@ def test_stored_checkpoints_on_s3(s3_server):
     found = stored_checkpoints(run)
     assert [(c.uri, c.step) for c in found] == [(f"{run}/checkpoint_a", 8), (f"{run}/checkpoint_b", 16)]
     assert best_on_val(found).uri == f"{run}/checkpoint_a"
-    assert _choose_resume_checkpoint(run, None) == f"{run}/checkpoint_b"
+    assert _choose_resume_checkpoint(run, None)[0] == f"{run}/checkpoint_b"

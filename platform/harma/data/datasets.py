@@ -37,10 +37,10 @@ MAP_CPUS = 0.5
 IMAGES_PER_TASK = 32  # images per decode task: small enough to spread an epoch over every core
 STREAM_COLUMNS = ["image", "image_key", "image_id", "captions"]
 # Ray Data's Parquet reader (2.60) lists files through 32 footer-reading actors, new processes,
-# started again at every execution, i.e. every epoch: on the demo each epoch's first batch took
-# 4-8 s, 2 s with one actor (the `input wait` figures of the progress lines). One actor
-# reads footers 128 at a time, plenty for thousands of shards. Set in the driver and forwarded to
-# the workers by harma.train.driver (a value already in the environment is kept).
+# started again at every execution (it made each training epoch's first batch wait 4-8 s when the
+# training stream still used it). One actor reads footers 128 at a time, plenty for thousands of
+# shards. Still used by the index build's read_parquet (harma.serve.build); set in the driver and
+# forwarded to the workers by harma.train.driver (a value already in the environment is kept).
 FOOTER_ACTORS_VAR = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 FOOTER_ACTORS = "1"
 
@@ -111,25 +111,27 @@ def read_shards(batch: dict[str, np.ndarray], filesystem: pafs.FileSystem, seed:
     return shuffle_rows(pa.concat_tables(tables), seed)
 
 
-def build_train_dataset(data: DataConfig, arch: str, image_size: int, seed: int = 0) -> ray.data.Dataset:
-    """The training stream of `data.prepared_uri`'s train split (seeded if `data.deterministic`).
-
-    Shard URIs in a new order each epoch -> one read task per shard (rows shuffled) -> blocks of
-    `IMAGES_PER_TASK` images -> decode, augment, tokenise on every core.
-    """
-    files = split_files(data.prepared_uri, data.train_split)
-    fixed = seed if data.deterministic else None
+def image_rows(files: list[str], seed: int | None = None) -> ray.data.Dataset:
+    """Image rows of prepared shards `files` (URIs): shards in a new order every execution, one read
+    task per shard (rows shuffled), blocks of `IMAGES_PER_TASK` images for the tasks after it."""
     # The driver's filesystem (endpoint and credentials) goes to the read tasks with them.
     fs, _ = storage.resolve(files[0])
     # The shard list is listed once, here: no listing task or Parquet footer-reading actor (a new
     # process) at the start of every epoch, as ray.data.read_parquet has.
     ds = ray.data.from_items([{"path": storage.resolve(f)[1]} for f in files], override_num_blocks=len(files))
-    ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=fixed, reseed_after_execution=True))
-    ds = ds.map_batches(read_shards, fn_kwargs={"filesystem": fs, "seed": fixed}, batch_size=1,
+    ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+    ds = ds.map_batches(read_shards, fn_kwargs={"filesystem": fs, "seed": seed}, batch_size=1,
                         batch_format="numpy", num_cpus=READ_CPUS)
     # read_parquet and map tasks emit blocks of up to 128 MiB: a small dataset was one block, so
     # one task decoded the whole epoch on one core and the first batch waited for all of it.
-    ds = ds.repartition(target_num_rows_per_block=IMAGES_PER_TASK)
+    return ds.repartition(target_num_rows_per_block=IMAGES_PER_TASK)
+
+
+def build_train_dataset(data: DataConfig, arch: str, image_size: int, seed: int = 0) -> ray.data.Dataset:
+    """The training stream of `data.prepared_uri`'s train split (seeded if `data.deterministic`):
+    `image_rows`, then decode, augment and tokenise on every core."""
+    fixed = seed if data.deterministic else None
+    ds = image_rows(split_files(data.prepared_uri, data.train_split), fixed)
     return ds.map_batches(
         pairs_from_images,
         fn_kwargs={"arch": arch, "size": image_size, "augment": data.augment.model_dump(),

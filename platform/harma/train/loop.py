@@ -91,10 +91,11 @@ def train_worker(loop_config: dict) -> dict:
     start_epoch, best_val = 0, None
     # The newest checkpoint in storage, not only the one Ray registered (see harma.train.stored);
     # rank 0 chooses so that every rank loads the same one.
-    chosen = [_choose_resume_checkpoint(run_dir, ray.train.get_checkpoint()) if rank == 0 else None]
+    resume_uri, loaded = _choose_resume_checkpoint(run_dir, ray.train.get_checkpoint()) if rank == 0 else (None, None)
+    chosen = [resume_uri]
     torch.distributed.broadcast_object_list(chosen, src=0)
     if chosen[0] is not None:
-        state, saved = _read_resume_state(chosen[0])
+        state, saved = loaded or _read_resume_state(chosen[0])  # rank 0 read it while choosing
         trainer.restore_state(state)
         start_epoch = saved["epoch"]
         history, bad_images, restarts = saved["history"], saved["bad_images"], saved["restarts"]
@@ -186,8 +187,11 @@ def _read_resume_state(uri: str) -> tuple[dict[str, torch.Tensor], dict]:
     return state, json.loads(storage.read_bytes(storage.join(uri, METRICS_FILE)))
 
 
-def _choose_resume_checkpoint(run_dir: str, registered: ray.train.Checkpoint | None) -> str | None:
-    """The newest stored checkpoint whose state loads; Ray's registered one if storage lists none."""
+def _choose_resume_checkpoint(
+    run_dir: str, registered: ray.train.Checkpoint | None,
+) -> tuple[str | None, tuple[dict[str, torch.Tensor], dict] | None]:
+    """(uri, its state and metrics) of the newest stored checkpoint whose state loads; Ray's
+    registered one if storage lists none; (None, None) if nothing loads."""
     try:
         candidates = [c.uri for c in reversed(stored_checkpoints(run_dir))]
     except storage.StorageError as err:
@@ -197,11 +201,10 @@ def _choose_resume_checkpoint(run_dir: str, registered: ray.train.Checkpoint | N
         candidates.append(storage.from_ray_path(registered.path, run_dir))
     for uri in candidates:
         try:
-            _read_resume_state(uri)
-            return uri
+            return uri, _read_resume_state(uri)
         except (storage.StorageError, SafetensorError, ValueError, KeyError) as err:
             log.warning("[harma] checkpoint %s cannot be resumed from (%s); trying an older one", uri, err)
-    return None
+    return None, None
 
 
 def _check_bad_fraction(bad: list[str], total_images: int, limit: float) -> None:
