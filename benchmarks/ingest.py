@@ -4,8 +4,9 @@
 
 Both sides decode the same prepared Parquet shards (local object-storage folder) and resize to the
 model's input size, as uint8 (the training pipeline ships uint8 and normalises on the device).
-Bare: one process, one core, a plain loop. Ray Data: the training stream's read path
-(harma.data.datasets.image_rows: shard reads, rows shuffled, blocks of IMAGES_PER_TASK images) -> map_batches
+Bare: one process, one core, a plain loop. Ray Data: the training stream's path
+(harma.data.datasets.image_stream: a task per shard reads it, shuffles its rows and runs the
+decode on every IMAGES_PER_CHUNK images) with decode + resize in place of the training augmentation,
 over every core of a local Ray started as harma starts one; its rate is divided by the cores.
 Target: Ray Data per core >= 0.7 x bare. Also printed: the bare loop in one process per core at
 once, i.e. what this machine gives when every core decodes (the ceiling for Ray Data's total).
@@ -53,16 +54,15 @@ def decode_resize(batch: dict, size: int) -> dict:
 
 def ray_rate(files: list[str], size: int, cores: int) -> tuple[float, int]:
     import ray
-    from harma.data.datasets import IMAGES_PER_TASK, MAP_CPUS, image_rows
+    from harma.data.datasets import image_stream
     from harma.train.driver import WORKER_LIMIT_VAR, WORKERS_PER_CPU
 
     os.environ.setdefault(WORKER_LIMIT_VAR, str(WORKERS_PER_CPU * cores))  # as harma.train.driver.ensure_ray
     ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
-        # The training stream's read path and task sizes, with decode + resize as the map.
-        ds = image_rows(files).map_batches(decode_resize, fn_kwargs={"size": size}, batch_size=IMAGES_PER_TASK,
-                                           batch_format="numpy", num_cpus=MAP_CPUS)
+        # The training stream's path and task sizes, with decode + resize as the transform.
+        ds = image_stream(files, decode_resize, {"size": size})
         ds.materialize()  # warm-up: worker processes started and imports done
         t0 = time.perf_counter()
         n = sum(len(b["pixels"]) for b in ds.iter_batches(batch_size=256, batch_format="numpy",

@@ -112,14 +112,15 @@ def corpus(ray_cluster, synth_root, tmp_path_factory, tiny_model_config):
     ckpt_a, ckpt_b = str(root / "ckpt-a"), str(root / "ckpt-b")
     save_checkpoint(ckpt_a, build_model(cfg.model, seed=0), cfg, {})
     save_checkpoint(ckpt_b, build_model(cfg.model, seed=1), cfg, {})
+    built: list[str] = []
     full = build_index(IndexConfig(checkpoint_uri=ckpt_a, corpus_uri=store, splits=["train", "val", "test"],
-                                   output_uri=str(root / "index-all"), batch_size=16))
+                                   output_uri=str(root / "index-all"), batch_size=8, actors=2), built.append)
     # The second through the CLI and the job file users run.
     assert main(["index", "build", "--config", str(REPO / "jobs" / "index_synth.yaml"),
                  f"index.checkpoint_uri={ckpt_a}", f"index.corpus_uri={store}",
                  f"index.output_uri={root / 'index-test'}", "index.captions=false"]) == 0
     test_only = read_manifest(str(root / "index-test"))
-    return {"root": root, "store": store, "a": ckpt_a, "b": ckpt_b, "full": full, "test": test_only,
+    return {"root": root, "store": store, "a": ckpt_a, "b": ckpt_b, "full": full, "test": test_only, "built": built,
             "index_all": str(root / "index-all"), "index_test": str(root / "index-test"), "data": synth_root}
 
 
@@ -160,6 +161,9 @@ def test_index_build_embeds_every_image_and_caption(corpus):
     assert index.caption_count == sum(len(r["captions"]) for r in rows) == corpus["full"]["captions"]
     manifest = index.manifest
     assert manifest["checkpoint_uri"] == corpus["a"] and manifest["skipped"] == []
+    # 40 images in blocks of one batch (8) over the pool: both actors embed (the reader's one block
+    # of the whole corpus went to one).
+    assert "  embedded by 2 of 2 actor(s)" in corpus["built"]
     assert manifest["checkpoint_fingerprint"] == checkpoint_fingerprint(corpus["a"])["fingerprint"]
     # The Ray Data actors embed exactly as the serving encoder does.
     encoder = QueryEncoder(corpus["a"], "cpu")

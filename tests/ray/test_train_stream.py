@@ -45,7 +45,9 @@ def _order_within(ids: list[int], shard: list[int]) -> list[int]:
 def test_every_epoch_reorders_the_images_inside_each_shard(ray_cluster, small_shards):
     shards = _shards(small_shards)
     assert len(shards) == 2 and all(len(s) == 14 for s in shards)
-    ds = build_train_dataset(DataConfig(prepared_uri=small_shards), "harma-tiny", 48)
+    # Planned for 1 CPU: one task per shard, whole (parts of a shard interleave, which would hide
+    # a shard read in its stored order).
+    ds = build_train_dataset(DataConfig(prepared_uri=small_shards), "harma-tiny", 48, cpus=1)
     epochs = [_epoch(ds) for _ in range(3)]
     captions = Counter(epochs[0])
     assert set(captions) == {i for s in shards for i in s}  # every image, every caption, each epoch
@@ -66,8 +68,25 @@ def test_a_deterministic_stream_repeats_across_builds(ray_cluster, small_shards)
     try:
         first = [_epoch(build_train_dataset(data, "harma-tiny", 48, seed=5)) for _ in range(2)]
         again = [_epoch(build_train_dataset(data, "harma-tiny", 48, seed=5)) for _ in range(2)]
+        whole = _epoch(build_train_dataset(data, "harma-tiny", 48, seed=5, cpus=1))
     finally:
         options.preserve_order = kept
     assert first == again
-    assert all(_order_within(first[0], s) != s for s in _shards(small_shards))
+    assert all(_order_within(whole, s) != s for s in _shards(small_shards))
+
+
+def test_a_small_dataset_is_cut_into_a_task_per_part_and_each_task_hands_on_chunks(ray_cluster, small_shards):
+    data = DataConfig(prepared_uri=small_shards)
+    # The tests' cluster has 8 logical CPUs: 2 shards -> 8 parts each (the cap), 16 tasks of 1-2
+    # images; planned for 1 CPU: 2 tasks of 14 images.
+    split = build_train_dataset(data, "harma-tiny", 48).materialize()
+    whole = build_train_dataset(data, "harma-tiny", 48, cpus=1).materialize()
+    assert split.num_blocks() == 16 and whole.num_blocks() == 2
+    assert Counter(_epoch(split)) == Counter(_epoch(whole))  # every image, every caption, once
+    # 14 images, handed on every 4: 4 outputs per task, each its own block when blocks are small
+    # (at Ray Data's default of 128 MiB a task's outputs were merged into one block, so nothing
+    # left the task before its last image was decoded).
+    chunked = build_train_dataset(data, "harma-tiny", 48, cpus=1, images_per_chunk=4, block_bytes=1 << 16)
+    blocks = [len(b["image_id"]) for b in chunked.iter_batches(batch_size=None, batch_format="numpy")]
+    assert len(blocks) >= 8 and sum(blocks) == sum(Counter(_epoch(whole)).values())
 

@@ -46,6 +46,7 @@ class ImageEmbedder:
         self.model_thread = ModelThread()  # __call__ runs on another thread than __init__
         self.encoder = self.model_thread.call(QueryEncoder, checkpoint_uri, device)
         self.thumbnail_size = thumbnail_size
+        self.actor_id = ray.get_runtime_context().get_actor_id()  # the build reports how many embedded
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from harma.data.transforms import eval_uint8
@@ -66,7 +67,8 @@ class ImageEmbedder:
         if pixels:
             emb[np.array(ok)] = self.model_thread.call(self._embed_pixels, np.stack(pixels))
         out = {k: v for k, v in batch.items() if k != "image"}
-        out.update(embedding=emb, ok=np.array(ok), thumbnail=np.array(thumbs, dtype=object))
+        out.update(embedding=emb, ok=np.array(ok), thumbnail=np.array(thumbs, dtype=object),
+                   embedder=np.full(len(ok), self.actor_id, dtype=object))
         return out
 
     def _embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
@@ -171,6 +173,9 @@ def build_index(cfg: IndexConfig, progress=log.info) -> dict[str, Any]:
     ray.data.DataContext.get_current().execution_options.preserve_order = True
 
     images, total = _image_dataset(cfg)
+    # Readers hand on blocks of up to 128 MiB: a small corpus was one block, so one actor embedded
+    # all of it whatever `index.actors` said. Blocks of one inference batch spread it over the pool.
+    images = images.repartition(target_num_rows_per_block=cfg.batch_size)
     progress(f"embedding {total} images from {cfg.corpus_uri} with {cfg.checkpoint_uri} "
              f"({cfg.actors} actor(s), {device})")
     embedded = images.map_batches(ImageEmbedder, fn_constructor_args=(cfg.checkpoint_uri, device,
@@ -178,9 +183,11 @@ def build_index(cfg: IndexConfig, progress=log.info) -> dict[str, Any]:
                                   **_actor_options(cfg))
     emb_parts, meta = [], {c: [] for c in ("id", "source", "image_id", "split", "label", "thumbnail")}
     skipped: list[str] = []
+    embedders: set[str] = set()
     done, last = 0, time.perf_counter()
     for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
         ok = batch["ok"].astype(bool)
+        embedders.update(str(a) for a in batch["embedder"])
         skipped.extend(str(k) for k in batch["id"][~ok])
         emb_parts.append(batch["embedding"][ok])
         for column in meta:
@@ -199,6 +206,7 @@ def build_index(cfg: IndexConfig, progress=log.info) -> dict[str, Any]:
     meta["thumbnail"] = [bytes(v) for v in meta["thumbnail"]]
     dim = int(emb_parts[0].shape[1]) if emb_parts else 0
     image_emb = np.concatenate(emb_parts) if emb_parts else np.zeros((0, dim), np.float32)
+    progress(f"  embedded by {len(embedders)} of {cfg.actors} actor(s)")
     if skipped:
         progress(f"  skipped {len(skipped)} undecodable image(s): {', '.join(skipped[:10])}")
     if not len(image_emb):
@@ -208,9 +216,10 @@ def build_index(cfg: IndexConfig, progress=log.info) -> dict[str, Any]:
     if cfg.captions and cfg.corpus_format == "prepared":
         row_of = {k: i for i, k in enumerate(meta["id"])}
         parts, captions = [], {"caption": [], "image": [], "image_row": []}
-        caption_ds = _caption_dataset(cfg).map_batches(
+        per_batch = max(cfg.batch_size, 128)
+        caption_ds = _caption_dataset(cfg).repartition(target_num_rows_per_block=per_batch).map_batches(
             TextEmbedder, fn_constructor_args=(cfg.checkpoint_uri, device),
-            **{**_actor_options(cfg), "batch_size": max(cfg.batch_size, 128)})
+            **{**_actor_options(cfg), "batch_size": per_batch})
         for batch in caption_ds.iter_batches(batch_size=None, batch_format="numpy"):
             keep = np.array([str(k) in row_of for k in batch["image"]], dtype=bool)
             parts.append(batch["embedding"][keep])

@@ -26,7 +26,7 @@ from ray.train.torch import TorchTrainer
 import ray
 from harma import storage
 from harma.config import PlatformConfig
-from harma.data.datasets import FOOTER_ACTORS, FOOTER_ACTORS_VAR, READ_CPUS, build_train_dataset
+from harma.data.datasets import FOOTER_ACTORS, FOOTER_ACTORS_VAR, build_train_dataset
 from harma.data.local import eval_arrays
 from harma.data.prepared import count_captions, load_prepared_split, read_report
 from harma.eval import format_table
@@ -76,13 +76,15 @@ def worker_env() -> dict[str, str]:
 
 
 # Ray keeps idle worker processes up to `num_workers_soft_limit` (default: the node's CPU count) and
-# ends the rest after 1 s idle. Ray Data's fractional-CPU read and decode tasks run on more
-# processes than that, so the surplus was ended while an epoch validated and the next epoch started
-# new ones, each importing torch and the tokenizer again (~2 s of CPU each; on 2 cores an epoch of
-# the demo's stream took 6.7 s instead of 1.3 s). Set before a node starts: here for local
+# ends the rest after 1 s idle. Ray Data's fractional-CPU tasks run on more processes than that, so
+# the surplus was ended while an epoch validated and the next epoch started new ones, each importing
+# torch and the tokenizer again (~2 s of CPU each; on 2 cores an epoch of the demo's stream took
+# 6.7 s instead of 1.3 s). Set before a node starts: here for local
 # clusters, in cluster.yaml for real ones (`WORKERS_PER_CPU` x the node's CPUs there too).
 WORKER_LIMIT_VAR = "RAY_num_workers_soft_limit"
-WORKERS_PER_CPU = round(1 / READ_CPUS)  # the most Data tasks one logical CPU holds at once
+# The most Data tasks one logical CPU holds at once: the index build's Parquet reads ask 0.25 CPU
+# (harma.serve.build), the training stream's tasks 0.5 (harma.data.datasets.STREAM_CPUS).
+WORKERS_PER_CPU = 4
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:

@@ -1,0 +1,70 @@
+"""The training stream's tasks without Ray: how an epoch is cut into tasks, what one task reads and
+how it hands its rows on (harma.data.datasets: plan_units, read_unit, stream_units)."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from harma.data.datasets import MAX_PARTS_PER_SHARD, plan_units, read_unit, stream_units
+from harma.data.schema import PARQUET_SCHEMA
+
+
+@pytest.fixture()
+def shard(tmp_path) -> str:
+    """A prepared shard of 40 images (ids 100..139, bytes = the id), one caption each."""
+    ids = list(range(100, 140))
+    table = pa.Table.from_pydict({
+        "image": [str(i).encode() for i in ids], "image_key": [f"{i}.png" for i in ids], "image_id": ids,
+        "captions": [[f"caption {i}"] for i in ids], "split": ["train"] * 40, "label": [None] * 40,
+    }, schema=PARQUET_SCHEMA)
+    path = tmp_path / "part-00000.parquet"
+    pq.write_table(table, path)
+    return str(path)
+
+
+def test_plan_splits_shards_only_when_they_are_fewer_than_the_cluster_keeps_busy():
+    # 2 shards, 4 CPUs: 2 tasks per CPU wanted -> 4 parts per shard
+    units = plan_units(["a", "b"], 4)
+    assert [(u["path"], u["part"], u["parts"]) for u in units] == \
+        [("a", 0, 4), ("a", 1, 4), ("a", 2, 4), ("a", 3, 4), ("b", 0, 4), ("b", 1, 4), ("b", 2, 4), ("b", 3, 4)]
+    # enough shards: each read once, whole
+    assert plan_units([f"s{i}" for i in range(20)], 4) == [{"path": f"s{i}", "part": 0, "parts": 1} for i in range(20)]
+    # 3 shards, 4 CPUs: ceil(8 / 3) = 3 parts
+    assert {u["parts"] for u in plan_units(["a", "b", "c"], 4)} == {3}
+    # one shard on a large cluster: the extra whole-shard reads are bounded
+    assert len(plan_units(["a"], 256)) == MAX_PARTS_PER_SHARD
+    assert plan_units(["a"], 0) == [{"path": "a", "part": 0, "parts": 1}]
+
+
+def test_the_parts_of_a_shard_cover_every_image_once_each_a_contiguous_range(shard):
+    fs = pafs.LocalFileSystem()
+    parts = [read_unit(shard, part, 3, fs).column("image_id").to_pylist() for part in range(3)]
+    assert [sorted(p) for p in parts] == [list(range(100, 113)), list(range(113, 126)), list(range(126, 140))]
+    whole = read_unit(shard, 0, 1, fs)
+    assert sorted(whole.column("image_id").to_pylist()) == list(range(100, 140))
+    assert whole.column("image_id").to_pylist() != list(range(100, 140))  # shuffled; odds 1/40!
+    assert all(img == str(i).encode() for i, img in zip(whole.column("image_id").to_pylist(),
+                                                        whole.column("image").to_pylist(), strict=True))
+    seeded = read_unit(shard, 1, 3, fs, seed=7).column("image_id").to_pylist()
+    assert read_unit(shard, 1, 3, fs, seed=7).column("image_id").to_pylist() == seeded
+
+
+def test_a_task_hands_on_its_rows_every_chunk_of_images(shard):
+    seen = []
+
+    def transform(batch, tag):
+        seen.append(sorted(batch))
+        return {"image_id": batch["image_id"], "caption": np.array([c[0] for c in batch["captions"]]),
+                "tag": np.full(len(batch["image_id"]), tag)}
+
+    units = {"path": np.array([shard, shard]), "part": np.array([0, 1]), "parts": np.array([2, 2])}
+    outputs = list(stream_units(units, pafs.LocalFileSystem(), transform, {"tag": 5}, images_per_chunk=8))
+    # 20 images per part: chunks of 8, 8, 4, for each of the two units
+    assert [len(o["image_id"]) for o in outputs] == [8, 8, 4, 8, 8, 4]
+    ids = np.concatenate([o["image_id"] for o in outputs]).tolist()
+    assert sorted(ids) == list(range(100, 140))
+    assert all(o["caption"].tolist() == [f"caption {i}" for i in o["image_id"]] for o in outputs)
+    assert all((o["tag"] == 5).all() for o in outputs)
+    assert seen[0] == ["captions", "image", "image_id", "image_key"]  # the stream's columns only
