@@ -18,7 +18,6 @@ drops.
 
 from __future__ import annotations
 
-import io
 import math
 import random
 from collections.abc import Callable, Iterator
@@ -122,7 +121,7 @@ def read_unit(path: str, part: int, parts: int, filesystem: pafs.FileSystem, see
     `harma data prepare --shard-images`.
     """
     with filesystem.open_input_stream(path) as stream:
-        table = pq.read_table(io.BytesIO(stream.read()), columns=STREAM_COLUMNS)
+        table = pq.read_table(pa.BufferReader(stream.read_buffer()), columns=STREAM_COLUMNS)
     lo, hi = table.num_rows * part // parts, table.num_rows * (part + 1) // parts
     return shuffle_rows(table.slice(lo, hi - lo), seed)
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from harma import storage
@@ -30,7 +30,7 @@ def count_captions(prepared_uri: str, split: str) -> int:
     """Training pairs of a split (one per caption), from the shards' captions column."""
     total = 0
     for uri in split_files(prepared_uri, split):
-        table = pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=["captions"])
+        table = pq.read_table(pa.BufferReader(storage.read_bytes(uri)), columns=["captions"])
         total += sum(len(c) for c in table.column("captions").to_pylist())
     return total
 
@@ -39,7 +39,7 @@ def load_prepared_split(prepared_uri: str, split: str) -> Split:
     """A whole (small) split in memory, decoded, in shard order: for validation and test."""
     images, captions, caption_image, ids, bad = [], [], [], [], []
     for uri in split_files(prepared_uri, split):
-        table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+        table = pq.read_table(pa.BufferReader(storage.read_bytes(uri)))
         for row in table.to_pylist():
             try:
                 images.append(decode_image(row["image"]))
