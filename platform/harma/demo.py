@@ -152,14 +152,11 @@ def serve_demo(checkpoint: str, store: str, out: str, port: int, keep_serving: b
 
 def _captions_by_image(store: str) -> dict[str, str]:
     """First caption of every prepared test image (to print next to a hit)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from harma.data.prepared import split_files
 
     first = {}
     for uri in split_files(store, "test"):
-        table = pq.read_table(pa.BufferReader(storage.read_bytes(uri)), columns=["image_key", "captions"])
+        table = storage.read_table(uri, columns=["image_key", "captions"])
         for row in table.to_pylist():
             first[row["image_key"]] = row["captions"][0]
     return first

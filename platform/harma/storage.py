@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 
 class StorageError(OSError):
@@ -107,6 +109,12 @@ def read_bytes(uri: str | Path) -> bytes:
         raise StorageError(f"{uri}: no such file") from None
     except OSError as err:
         raise StorageError(f"{uri}: cannot read ({_short(err)})") from None
+
+
+def read_table(uri: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file by URI, fetched whole (one GET on S3) and parsed from memory (an Arrow buffer:
+    through a Python file object such as io.BytesIO, pyarrow took 2-8x longer)."""
+    return pq.read_table(pa.BufferReader(read_bytes(uri)), columns=columns)
 
 
 def write_bytes(uri: str | Path, data: bytes) -> None:

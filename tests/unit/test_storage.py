@@ -76,3 +76,23 @@ def test_size_and_read_head(where, tmp_path, request):
         storage.size(storage.join(base, "missing.bin"))
     with pytest.raises(storage.StorageError, match="no such file"):
         storage.read_head(storage.join(base, "missing.bin"), 8)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_read_table_reads_a_parquet_file_by_uri(where, tmp_path, request):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if where == "s3":
+        request.getfixturevalue("s3_server").create_bucket("tables")
+        base = "s3://tables/k"
+    else:
+        base = str(tmp_path)
+    buf = pa.BufferOutputStream()
+    pq.write_table(pa.table({"id": [3, 1, 2], "caption": ["a", "b", "c"]}), buf)
+    uri = storage.join(base, "t.parquet")
+    storage.write_bytes(uri, buf.getvalue().to_pybytes())
+    assert storage.read_table(uri).to_pydict() == {"id": [3, 1, 2], "caption": ["a", "b", "c"]}
+    assert storage.read_table(uri, columns=["caption"]).to_pydict() == {"caption": ["a", "b", "c"]}
+    with pytest.raises(storage.StorageError, match="no such file"):
+        storage.read_table(storage.join(base, "missing.parquet"))

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from harma import storage
 from harma.data.local import Split
@@ -30,7 +28,7 @@ def count_captions(prepared_uri: str, split: str) -> int:
     """Training pairs of a split (one per caption), from the shards' captions column."""
     total = 0
     for uri in split_files(prepared_uri, split):
-        table = pq.read_table(pa.BufferReader(storage.read_bytes(uri)), columns=["captions"])
+        table = storage.read_table(uri, columns=["captions"])
         total += sum(len(c) for c in table.column("captions").to_pylist())
     return total
 
@@ -39,7 +37,7 @@ def load_prepared_split(prepared_uri: str, split: str) -> Split:
     """A whole (small) split in memory, decoded, in shard order: for validation and test."""
     images, captions, caption_image, ids, bad = [], [], [], [], []
     for uri in split_files(prepared_uri, split):
-        table = pq.read_table(pa.BufferReader(storage.read_bytes(uri)))
+        table = storage.read_table(uri)
         for row in table.to_pylist():
             try:
                 images.append(decode_image(row["image"]))

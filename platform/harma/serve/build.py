@@ -27,6 +27,8 @@ from harma.serve.index import FORMAT, EmbeddingIndex, checkpoint_fingerprint, sa
 
 log = logging.getLogger(__name__)
 
+READ_CPUS = 0.25  # CPU request of the corpus readers (file reads only: decoding is in the actors)
+
 
 def _thumbnail(img, size: int) -> bytes:
     """JPEG bytes of a copy of PIL image `img` fitted into size x size."""
@@ -115,7 +117,7 @@ def _image_dataset(cfg: IndexConfig) -> tuple[ray.data.Dataset, int]:
     if cfg.corpus_format == "prepared":
         files = _prepared_files(cfg)
         fs, _ = storage.resolve(files[0])
-        ds = ray.data.read_parquet([storage.resolve(f)[1] for f in files], filesystem=fs, num_cpus=0.25,
+        ds = ray.data.read_parquet([storage.resolve(f)[1] for f in files], filesystem=fs, num_cpus=READ_CPUS,
                                    columns=["image", "image_key", "image_id", "split", "label"])
         total = _parquet_rows(files)
 
@@ -130,7 +132,7 @@ def _image_dataset(cfg: IndexConfig) -> tuple[ray.data.Dataset, int]:
         raise FileNotFoundError(f"{cfg.corpus_uri}: no image files ({', '.join(extensions)})")
     fs, root = storage.resolve(cfg.corpus_uri)
     ds = ray.data.read_binary_files([storage.resolve(f)[1] for f in files], filesystem=fs,
-                                    include_paths=True, num_cpus=0.25)
+                                    include_paths=True, num_cpus=READ_CPUS)
     prefix = root.rstrip("/") + "/"
 
     def to_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -147,7 +149,7 @@ def _image_dataset(cfg: IndexConfig) -> tuple[ray.data.Dataset, int]:
 def _caption_dataset(cfg: IndexConfig) -> ray.data.Dataset:
     files = _prepared_files(cfg)
     fs, _ = storage.resolve(files[0])
-    ds = ray.data.read_parquet([storage.resolve(f)[1] for f in files], filesystem=fs, num_cpus=0.25,
+    ds = ray.data.read_parquet([storage.resolve(f)[1] for f in files], filesystem=fs, num_cpus=READ_CPUS,
                                columns=["image_key", "captions"])
     return ds.flat_map(lambda row: [{"caption": str(c), "image": row["image_key"]} for c in row["captions"]],
                        num_cpus=0.1)

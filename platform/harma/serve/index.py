@@ -200,10 +200,10 @@ def read_manifest(uri: str) -> dict[str, Any]:
 def load_index(uri: str) -> EmbeddingIndex:
     manifest = read_manifest(uri)
     image_emb = np.load(io.BytesIO(storage.read_bytes(storage.join(uri, "images.npy"))), allow_pickle=False)
-    images = pq.read_table(pa.BufferReader(storage.read_bytes(storage.join(uri, "images.parquet")))).to_pydict()
+    images = storage.read_table(storage.join(uri, "images.parquet")).to_pydict()
     caption_emb = captions = None
     if manifest.get("captions", 0):
         caption_emb = np.load(io.BytesIO(storage.read_bytes(storage.join(uri, "captions.npy"))),
                               allow_pickle=False)
-        captions = pq.read_table(pa.BufferReader(storage.read_bytes(storage.join(uri, "captions.parquet")))).to_pydict()
+        captions = storage.read_table(storage.join(uri, "captions.parquet")).to_pydict()
     return EmbeddingIndex(manifest, image_emb, images, caption_emb, captions)

@@ -26,12 +26,13 @@ from ray.train.torch import TorchTrainer
 import ray
 from harma import storage
 from harma.config import PlatformConfig
-from harma.data.datasets import FOOTER_ACTORS, FOOTER_ACTORS_VAR, build_train_dataset
+from harma.data.datasets import FOOTER_ACTORS, FOOTER_ACTORS_VAR, STREAM_CPUS, build_train_dataset
 from harma.data.local import eval_arrays
 from harma.data.prepared import count_captions, load_prepared_split, read_report
 from harma.eval import format_table
 from harma.model.backbone import arch_info, build_tokenizer
 from harma.model.checkpoint import load_checkpoint
+from harma.serve.build import READ_CPUS as INDEX_READ_CPUS
 from harma.train.evaluate import evaluate_arrays
 from harma.train.loop import train_worker
 from harma.train.stored import best_on_val, stored_checkpoints
@@ -79,12 +80,12 @@ def worker_env() -> dict[str, str]:
 # ends the rest after 1 s idle. Ray Data's fractional-CPU tasks run on more processes than that, so
 # the surplus was ended while an epoch validated and the next epoch started new ones, each importing
 # torch and the tokenizer again (~2 s of CPU each; on 2 cores an epoch of the demo's stream took
-# 6.7 s instead of 1.3 s). Set before a node starts: here for local
-# clusters, in cluster.yaml for real ones (`WORKERS_PER_CPU` x the node's CPUs there too).
+# 6.7 s instead of 1.3 s). Set before a node starts: here for local clusters, in cluster.yaml for
+# real ones (`WORKERS_PER_CPU` x the node's CPUs there too).
 WORKER_LIMIT_VAR = "RAY_num_workers_soft_limit"
-# The most Data tasks one logical CPU holds at once: the index build's Parquet reads ask 0.25 CPU
-# (harma.serve.build), the training stream's tasks 0.5 (harma.data.datasets.STREAM_CPUS).
-WORKERS_PER_CPU = 4
+# The most Data tasks one logical CPU holds at once: the training stream's tasks or the index
+# build's reads, whichever ask less CPU.
+WORKERS_PER_CPU = round(1 / min(STREAM_CPUS, INDEX_READ_CPUS))
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
