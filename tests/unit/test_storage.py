@@ -60,13 +60,17 @@ def test_ray_storage_and_paths_ray_reports(tmp_path, s3_server):
     assert storage.from_ray_path("/abs/runs/ckpt", tmp_path) == "/abs/runs/ckpt"
 
 
+def _base(where: str, tmp_path, request, bucket: str) -> str:
+    """A folder URI: `tmp_path`, or a fresh bucket on the tests' S3 server."""
+    if where == "s3":
+        request.getfixturevalue("s3_server").create_bucket(bucket)
+        return f"s3://{bucket}/k"
+    return str(tmp_path)
+
+
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_size_and_read_head(where, tmp_path, request):
-    if where == "s3":
-        request.getfixturevalue("s3_server").create_bucket("heads")
-        base = "s3://heads/k"
-    else:
-        base = str(tmp_path)
+    base = _base(where, tmp_path, request, "heads")
     uri = storage.join(base, "f.bin")
     storage.write_bytes(uri, bytes(range(200)))
     assert storage.size(uri) == 200
@@ -83,11 +87,7 @@ def test_read_table_reads_a_parquet_file_by_uri(where, tmp_path, request):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if where == "s3":
-        request.getfixturevalue("s3_server").create_bucket("tables")
-        base = "s3://tables/k"
-    else:
-        base = str(tmp_path)
+    base = _base(where, tmp_path, request, "tables")
     buf = pa.BufferOutputStream()
     pq.write_table(pa.table({"id": [3, 1, 2], "caption": ["a", "b", "c"]}), buf)
     uri = storage.join(base, "t.parquet")
