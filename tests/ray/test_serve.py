@@ -161,8 +161,9 @@ def test_index_build_embeds_every_image_and_caption(corpus):
     assert index.caption_count == sum(len(r["captions"]) for r in rows) == corpus["full"]["captions"]
     manifest = index.manifest
     assert manifest["checkpoint_uri"] == corpus["a"] and manifest["skipped"] == []
-    # 40 images in blocks of one batch (8) over the pool: both actors embed (the reader's one block
-    # of the whole corpus went to one).
+    # 40 images in blocks of one batch (8) over the pool, dispatched once both actors are up: both
+    # embed (the reader's one block of the whole corpus went to one; so did every block when the
+    # first actor up took them all while the second still loaded the model).
     assert "  embedded by 2 of 2 actor(s)" in corpus["built"]
     assert manifest["checkpoint_fingerprint"] == checkpoint_fingerprint(corpus["a"])["fingerprint"]
     # The Ray Data actors embed exactly as the serving encoder does.
@@ -192,6 +193,19 @@ def test_index_of_an_image_folder_skips_and_lists_undecodable_files(corpus, tmp_
                                        output_uri=str(tmp_path / "idx"), thumbnail_size=0))
     assert manifest["skipped"] == ["a/broken.png"] and manifest["images"] == 6 and manifest["captions"] == 0
     assert sorted(load_index(str(tmp_path / "idx")).images["id"])[0] == "a/test_00000.png"
+
+
+def test_an_embedding_pool_the_cluster_cannot_start_fails_clearly(corpus, tmp_path, monkeypatch):
+    import harma.serve.build as build
+    from harma.config import IndexConfig
+
+    monkeypatch.setattr(build, "POOL_START_TIMEOUT_S", 3)
+    cfg = IndexConfig(checkpoint_uri=corpus["a"], corpus_uri=corpus["store"], splits=["test"],
+                      output_uri=str(tmp_path / "idx"), cpus_per_actor=64)  # the test cluster has 8
+    with pytest.raises(RuntimeError, match=r"the 1 embedding actor\(s\) did not all start within 3 s: .*"
+                                           r"\(1 x 64.0 CPU\); lower index.actors"):
+        build.build_index(cfg)
+    assert not (tmp_path / "idx").exists()  # nothing half-written
 
 
 def test_an_index_of_another_checkpoint_is_refused(corpus, capsys):

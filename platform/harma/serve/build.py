@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import logging
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
@@ -28,6 +29,10 @@ from harma.serve.index import FORMAT, EmbeddingIndex, checkpoint_fingerprint, sa
 log = logging.getLogger(__name__)
 
 READ_CPUS = 0.25  # CPU request of the corpus readers (file reads only: decoding is in the actors)
+# Ray Data starts a pool's actors asynchronously and hands blocks to whichever is up: a small corpus
+# was all embedded by the first actor while the others loaded the model. The build waits for the
+# whole pool instead, and a cluster that cannot give it the resources fails with a clear message.
+POOL_START_TIMEOUT_S = 600
 
 
 def _thumbnail(img, size: int) -> bytes:
@@ -160,6 +165,19 @@ def _actor_options(cfg: IndexConfig) -> dict[str, Any]:
             "num_gpus": 1 if cfg.use_gpu else 0, "batch_size": cfg.batch_size, "batch_format": "numpy"}
 
 
+def _batches_of_whole_pool(ds: ray.data.Dataset, cfg: IndexConfig) -> Iterator[dict[str, np.ndarray]]:
+    """`ds`'s output blocks as numpy batches, computed once all `cfg.actors` actors are up."""
+    ds.context.wait_for_min_actors_s = POOL_START_TIMEOUT_S  # this dataset's own copy of the context
+    try:
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+    except ray.exceptions.GetTimeoutError as err:
+        gpus = f", {cfg.actors} GPU(s)" if cfg.use_gpu else ""
+        raise RuntimeError(
+            f"the {cfg.actors} embedding actor(s) did not all start within {POOL_START_TIMEOUT_S} s: the "
+            f"cluster lacks the resources ({cfg.actors} x {cfg.cpus_per_actor} CPU{gpus}); lower index.actors "
+            f"or index.cpus_per_actor, or add nodes") from err
+
+
 def build_index(cfg: IndexConfig, progress=log.info) -> dict[str, Any]:
     """Embed the corpus, write the index to `cfg.output_uri`; returns the manifest."""
     t0 = time.perf_counter()
@@ -187,7 +205,7 @@ def build_index(cfg: IndexConfig, progress=log.info) -> dict[str, Any]:
     skipped: list[str] = []
     embedders: set[str] = set()
     done, last = 0, time.perf_counter()
-    for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in _batches_of_whole_pool(embedded, cfg):
         ok = batch["ok"].astype(bool)
         embedders.update(str(a) for a in batch["embedder"])
         skipped.extend(str(k) for k in batch["id"][~ok])
@@ -222,7 +240,7 @@ def build_index(cfg: IndexConfig, progress=log.info) -> dict[str, Any]:
         caption_ds = _caption_dataset(cfg).repartition(target_num_rows_per_block=per_batch).map_batches(
             TextEmbedder, fn_constructor_args=(cfg.checkpoint_uri, device),
             **{**_actor_options(cfg), "batch_size": per_batch})
-        for batch in caption_ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in _batches_of_whole_pool(caption_ds, cfg):
             keep = np.array([str(k) in row_of for k in batch["image"]], dtype=bool)
             parts.append(batch["embedding"][keep])
             captions["caption"].extend(str(c) for c in batch["caption"][keep])
