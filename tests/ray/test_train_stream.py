@@ -47,7 +47,7 @@ def test_every_epoch_reorders_the_images_inside_each_shard(ray_cluster, small_sh
     assert len(shards) == 2 and all(len(s) == 14 for s in shards)
     # Planned for 1 CPU: one task per shard, whole (parts of a shard interleave, which would hide
     # a shard read in its stored order).
-    ds = build_train_dataset(DataConfig(prepared_uri=small_shards), "harma-tiny", 48, cpus=1)
+    ds = build_train_dataset(DataConfig(prepared_uri=small_shards), 48, 32, cpus=1)
     epochs = [_epoch(ds) for _ in range(3)]
     captions = Counter(epochs[0])
     assert set(captions) == {i for s in shards for i in s}  # every image, every caption, each epoch
@@ -66,9 +66,9 @@ def test_a_deterministic_stream_repeats_across_builds(ray_cluster, small_shards)
     options = ray.data.DataContext.get_current().execution_options
     kept, options.preserve_order = options.preserve_order, True  # as harma.train.driver sets it
     try:
-        first = [_epoch(build_train_dataset(data, "harma-tiny", 48, seed=5)) for _ in range(2)]
-        again = [_epoch(build_train_dataset(data, "harma-tiny", 48, seed=5)) for _ in range(2)]
-        whole = _epoch(build_train_dataset(data, "harma-tiny", 48, seed=5, cpus=1))
+        first = [_epoch(build_train_dataset(data, 48, 32, seed=5)) for _ in range(2)]
+        again = [_epoch(build_train_dataset(data, 48, 32, seed=5)) for _ in range(2)]
+        whole = _epoch(build_train_dataset(data, 48, 32, seed=5, cpus=1))
     finally:
         options.preserve_order = kept
     assert first == again
@@ -79,14 +79,14 @@ def test_a_small_dataset_is_cut_into_a_task_per_part_and_each_task_hands_on_chun
     data = DataConfig(prepared_uri=small_shards)
     # The tests' cluster has 8 logical CPUs: 2 shards -> 8 parts each (the cap), 16 tasks of 1-2
     # images; planned for 1 CPU: 2 tasks of 14 images.
-    split = build_train_dataset(data, "harma-tiny", 48).materialize()
-    whole = build_train_dataset(data, "harma-tiny", 48, cpus=1).materialize()
+    split = build_train_dataset(data, 48, 32).materialize()
+    whole = build_train_dataset(data, 48, 32, cpus=1).materialize()
     assert split.num_blocks() == 16 and whole.num_blocks() == 2
     assert Counter(_epoch(split)) == Counter(_epoch(whole))  # every image, every caption, once
     # 14 images, handed on every 4: 4 outputs per task, each its own block when blocks are small
     # (at Ray Data's default of 128 MiB a task's outputs were merged into one block, so nothing
     # left the task before its last image was decoded).
-    chunked = build_train_dataset(data, "harma-tiny", 48, cpus=1, images_per_chunk=4, block_bytes=1 << 16)
+    chunked = build_train_dataset(data, 48, 32, cpus=1, images_per_chunk=4, block_bytes=1 << 16)
     blocks = [len(b["image_id"]) for b in chunked.iter_batches(batch_size=None, batch_format="numpy")]
     assert len(blocks) >= 8 and sum(blocks) == sum(Counter(_epoch(whole)).values())
 

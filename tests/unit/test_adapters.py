@@ -66,7 +66,7 @@ def test_embeddings_at_init_equal_the_backbone_exactly(tiny_model_config, layout
     plain = build_model(_with(tiny_model_config, kind="none"), seed=3)
     plain.clip.load_state_dict(adapted.clip.state_dict())
     images = torch.randn(3, 3, 48, 48)
-    tokens = build_tokenizer("harma-tiny")(["two red storage tanks", "a pond", "ships on the sea"])
+    tokens = torch.from_numpy(build_tokenizer("harma-tiny")(["two red storage tanks", "a pond", "ships on the sea"]))
     with torch.no_grad():
         assert torch.equal(adapted.encode_image(images), plain.encode_image(images))
         assert torch.equal(adapted.encode_text(tokens), plain.encode_text(tokens))
@@ -101,7 +101,7 @@ def test_paper_layout_routes_images_through_the_shared_mini(tiny_model_config):
 
 
 def test_text_padding_mask(tiny_model_config):
-    tok = build_tokenizer("harma-tiny")(["two red storage tanks in the top left"])
+    tok = torch.from_numpy(build_tokenizer("harma-tiny")(["two red storage tanks in the top left"]))
     eot = int(tok.argmax())
     filled = tok.clone()
     filled[0, eot + 1 :] = 320  # junk after the end-of-text token (smaller id than EOT)

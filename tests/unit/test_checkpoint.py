@@ -29,7 +29,7 @@ def trained(tmp_path, tiny_model_config):
 
 def _embed(model):
     images = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(1))
-    tokens = build_tokenizer("harma-tiny")(["three ships on the sea", "a red building"])
+    tokens = torch.from_numpy(build_tokenizer("harma-tiny")(["three ships on the sea", "a red building"]))
     with torch.no_grad():
         return model.encode_image(images), model.encode_text(tokens)
 

@@ -46,7 +46,7 @@ def _engine(tiny_model_config, stage: int, gpu_bf16_config: bool = False) -> Dee
 
 def _batch(seed: int):
     g = torch.Generator().manual_seed(seed)
-    tokens = build_tokenizer("harma-tiny")(["one red ship", "two ponds", "a plane", "three trees"])
+    tokens = torch.from_numpy(build_tokenizer("harma-tiny")(["one red ship", "two ponds", "a plane", "three trees"]))
     return {"image": torch.randn(4, 3, 48, 48, generator=g), "tokens": tokens,
             "image_id": torch.tensor([0, 1, 2, 3])}
 

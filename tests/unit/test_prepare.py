@@ -68,7 +68,7 @@ def test_pairs_from_images_expands_captions_and_flags_bad_rows(synth_root):
         "image_id": np.array([7, 8]),
         "captions": np.array([np.array(["one red ship", "a ship"]), np.array(["x"])], dtype=object),
     }
-    out = pairs_from_images(batch, "harma-tiny", 48, {"enabled": True}, 30)
+    out = pairs_from_images(batch, 32, 48, {"enabled": True}, 30)
     assert out["pixels"].shape == (3, 3, 48, 48) and out["pixels"].dtype == np.uint8
     assert out["tokens"].shape == (3, 32)
     assert out["image_id"].tolist() == [7, 7, -1]

@@ -40,7 +40,7 @@ def test_train_step_lowers_the_loss_and_touches_only_trainable_weights(tiny_mode
     opt_cfg = OptimizerConfig(lr=1e-2)
     optimizer = build_optimizer(model, opt_cfg)
     engine = TorchEngine(model, optimizer, build_scheduler(optimizer, 30, ScheduleConfig(warmup_fraction=0)))
-    tokens = build_tokenizer("harma-tiny")([f"{n} red ships" for n in ("one", "two", "three", "four")] * 2)
+    tokens = torch.from_numpy(build_tokenizer("harma-tiny")([f"{n} red ships" for n in ("one", "two", "three", "four")] * 2))
     batch = {"image": torch.randn(8, 3, 48, 48), "tokens": tokens,
              "image_id": torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])}
     losses = [train_step(engine, batch, LossConfig())["loss"] for _ in range(30)]
@@ -57,7 +57,7 @@ def test_non_finite_loss_stops_with_a_clear_message(tiny_model_config):
     engine = TorchEngine(model, optimizer, build_scheduler(optimizer, 5, ScheduleConfig()))
     with torch.no_grad():
         model.temperature.fill_(0.0)  # logits / 0 -> inf
-    tokens = build_tokenizer("harma-tiny")(["a", "b"])
+    tokens = torch.from_numpy(build_tokenizer("harma-tiny")(["a", "b"]))
     batch = {"image": torch.randn(2, 3, 48, 48), "tokens": tokens, "image_id": torch.tensor([0, 1])}
     with pytest.raises(FloatingPointError, match="non-finite loss"):
         train_step(engine, batch, LossConfig())

@@ -60,7 +60,7 @@ def test_tokenize_cleans_then_pads_to_context():
     ids = tokenize(["Two Storage-Tanks!", "two storage tanks"], tok, max_words=30)
     assert ids.shape == (2, 32)
     assert np.array_equal(ids[0], ids[1])  # cleaning makes them identical
-    assert ids[0, 0] == tok.sot_token_id and (ids[0] == tok.eot_token_id).sum() == 1
+    assert ids[0, 0] == tok.start_id and (ids[0] == tok.end_id).sum() == 1
 
 
 def test_uint8_pixels_normalised_on_the_device_equal_the_float_path():

@@ -33,6 +33,7 @@ import ray
 from harma import storage
 from harma.config import AugmentConfig, DataConfig
 from harma.data.prepared import split_files
+from harma.data.tokenizer import ClipTokenizer
 from harma.data.transforms import augment_image, decode_image, to_uint8, tokenize
 
 STREAM_CPUS = 0.5  # CPU request of a stream task (read, decode, augment, tokenise)
@@ -54,10 +55,8 @@ FOOTER_ACTORS = "1"
 
 
 @lru_cache(maxsize=4)
-def _tokenizer(arch: str):
-    from harma.model.backbone import build_tokenizer
-
-    return build_tokenizer(arch)
+def _tokenizer(context_length: int) -> ClipTokenizer:
+    return ClipTokenizer(context_length)
 
 
 def shuffle_rows(block: pa.Table, seed: int | None = None) -> pa.Table:
@@ -74,7 +73,7 @@ def shuffle_rows(block: pa.Table, seed: int | None = None) -> pa.Table:
 
 
 def pairs_from_images(
-    batch: dict[str, np.ndarray], arch: str, size: int, augment: dict, max_words: int,
+    batch: dict[str, np.ndarray], context_length: int, size: int, augment: dict, max_words: int,
     seed: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Map function: image rows -> one augmented (pixels, tokens, image_id) row per caption.
@@ -101,7 +100,7 @@ def pairs_from_images(
             captions.append(str(caption))
             ids.append(int(image_id))
             bad.append("")
-    tokens = tokenize(captions, _tokenizer(arch), max_words)
+    tokens = tokenize(captions, _tokenizer(context_length), max_words)
     return {"pixels": np.stack(pixels), "tokens": tokens, "image_id": np.array(ids, np.int64),
             "bad_key": np.array(bad, dtype=object)}
 
@@ -168,12 +167,12 @@ def image_stream(
 
 
 def build_train_dataset(
-    data: DataConfig, arch: str, image_size: int, seed: int = 0, **stream_options,
+    data: DataConfig, image_size: int, context_length: int, seed: int = 0, **stream_options,
 ) -> ray.data.Dataset:
     """The training stream of `data.prepared_uri`'s train split (seeded if `data.deterministic`):
     `image_stream` of `pairs_from_images` on every core (`stream_options`: its keyword arguments)."""
     fixed = seed if data.deterministic else None
-    kwargs = {"arch": arch, "size": image_size, "augment": data.augment.model_dump(),
+    kwargs = {"context_length": context_length, "size": image_size, "augment": data.augment.model_dump(),
               "max_words": data.max_words, "seed": fixed}
     return image_stream(split_files(data.prepared_uri, data.train_split), pairs_from_images, kwargs, fixed,
                         **stream_options)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from harma import storage
-from harma.data.local import Split
 from harma.data.transforms import decode_image
+
+if TYPE_CHECKING:
+    from harma.data.local import Split
 
 
 def split_files(prepared_uri: str, split: str) -> list[str]:
@@ -35,6 +38,10 @@ def count_captions(prepared_uri: str, split: str) -> int:
 
 def load_prepared_split(prepared_uri: str, split: str) -> Split:
     """A whole (small) split in memory, decoded, in shard order: for validation and test."""
+    # Imported here: harma.data.local imports torch, which the stream tasks that import this module
+    # never need (harma.data.tokenizer).
+    from harma.data.local import Split
+
     images, captions, caption_image, ids, bad = [], [], [], [], []
     for uri in split_files(prepared_uri, split):
         table = storage.read_table(uri)

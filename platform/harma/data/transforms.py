@@ -134,6 +134,6 @@ def train_transform(img: Image.Image, size: int, cfg: AugmentConfig, rng: random
 
 
 def tokenize(captions: list[str], tokenizer, max_words: int) -> np.ndarray:
-    """Captions -> (N, context) int64 token ids after the paper code's cleaning."""
-    cleaned = [clean_caption(c, max_words) for c in captions]
-    return tokenizer(cleaned).numpy()
+    """Captions -> (N, context) int64 token ids after the paper code's cleaning (`tokenizer`: a
+    `harma.data.tokenizer.ClipTokenizer`)."""
+    return tokenizer([clean_caption(c, max_words) for c in captions])

@@ -30,6 +30,7 @@ from safetensors.torch import load as load_safetensors_bytes
 
 from harma import storage
 from harma.config import BackboneConfig
+from harma.data.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +112,9 @@ def arch_info(arch: str) -> ArchInfo:
     )
 
 
-def build_tokenizer(arch: str) -> open_clip.tokenizer.SimpleTokenizer:
-    """open_clip's BPE tokenizer with the architecture's context length (vocab ships in the wheel)."""
-    return open_clip.tokenizer.SimpleTokenizer(context_length=arch_info(arch).context_length)
+def build_tokenizer(arch: str) -> ClipTokenizer:
+    """CLIP's BPE tokenizer (open_clip's ids, numpy out) with the architecture's context length."""
+    return ClipTokenizer(arch_info(arch).context_length)
 
 
 def build_backbone(cfg: BackboneConfig) -> tuple[open_clip.CLIP, ArchInfo]:

@@ -186,7 +186,7 @@ def fit(cfg: PlatformConfig, callbacks: list | None = None, evaluate_test: bool 
             failure_config=ray.train.FailureConfig(max_failures=workers.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=None, checkpoint_score_attribute="val_mr", checkpoint_score_order="max")),
-        datasets={"train": build_train_dataset(cfg.data, arch.name, arch.image_size, cfg.run.seed)},
+        datasets={"train": build_train_dataset(cfg.data, arch.image_size, arch.context_length, cfg.run.seed)},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     result = trainer.fit()
