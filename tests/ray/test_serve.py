@@ -280,7 +280,34 @@ def test_concurrent_queries_share_forward_passes_without_mixing_answers(service)
         assert 1 <= after["text_forward_passes"] - before["text_forward_passes"] <= len(texts)
 
 
+def test_a_batch_request_answers_every_query_as_if_sent_alone(service):
+    url = service["url"]
+    # 40 queries: more than the replica's max_batch_size (16), so they go through in three groups.
+    queries = [{"text": f"{n} storage tanks next to a river", "k": 3 + n % 3} for n in range(1, 41)]
+    queries[5]["filters"] = {"split": "test"}
+    alone = [requests.post(url + "v1/text-to-images", json=q, timeout=30).json() for q in queries]
+    before = requests.get(url + "v1/info", timeout=30).json()["batching"]
+    batch = requests.post(url + "v1/text-to-images/batch", json={"queries": queries}, timeout=60)
+    assert batch.status_code == 200, batch.text
+    body = batch.json()
+    assert len(body["responses"]) == 40 and body["index"]["images"] == 40 and body["took_ms"] > 0
+    for single, answer in zip(alone, body["responses"], strict=True):  # in order, each its own query's
+        assert answer["query"] == single["query"]
+        assert [h["id"] for h in answer["results"]] == [h["id"] for h in single["results"]]
+        assert [h["score"] for h in answer["results"]] == pytest.approx([h["score"] for h in single["results"]], abs=1e-5)
+    assert {h["metadata"]["split"] for h in body["responses"][5]["results"]} == {"test"}
+    if _replicas() == {"RUNNING": 1}:
+        after = requests.get(url + "v1/info", timeout=30).json()["batching"]
+        assert after["text_queries"] - before["text_queries"] == 40
+        assert after["text_forward_passes"] - before["text_forward_passes"] <= 3  # groups of <= 16
+    spec = requests.get(url + "openapi.json", timeout=30).json()["paths"]["/v1/text-to-images/batch"]["post"]
+    assert "queries" in spec["requestBody"]["content"]["application/json"]["schema"]["properties"]
+
+
 BAD_REQUESTS = [
+    ("v1/text-to-images/batch", b'{"queries": [{"text": "x"}, {"text": ""}]}', "application/json", 422,
+     "queries[1]: text is empty"),
+    ("v1/text-to-images/batch", b'{"queries": []}', "application/json", 422, "queries is empty"),
     ("v1/text-to-images", b'{"text": ""}', "application/json", 422, "text is empty"),
     ("v1/text-to-images", b'{"text": "' + b"a" * 201 + b'"}', "application/json", 422, "the limit is 200"),
     ("v1/text-to-images", b'{"text": "\xff\xfe"}', "application/json", 400, "not valid UTF-8"),

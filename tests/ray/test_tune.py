@@ -24,7 +24,7 @@ def prepared(tmp_path_factory, synth_root):
     return out
 
 
-def _sweep_yaml(path: Path, prepared: Path, out: Path, name: str) -> Path:
+def _sweep_yaml(path: Path, prepared: Path, out: Path, name: str, ranks: tuple[int, ...] = (16, 8, 4)) -> Path:
     cfg = {
         "run": {"name": name, "output_dir": str(out), "seed": 0},
         "model": {"backbone": {"arch": "harma-tiny"},
@@ -33,7 +33,7 @@ def _sweep_yaml(path: Path, prepared: Path, out: Path, name: str) -> Path:
         "train": {"epochs": 3, "batch_size": 16, "log_every": 100, "optimizer": {"lr": 1.0e-2},
                   "workers": {"min": 1, "max": 1, "cpus_per_worker": 1}},
         "tune": {"scheduler": {"kind": "asha", "grace_period": 1, "reduction_factor": 2},
-                 "search_space": {"model.adapter.rank": {"grid": [16, 8, 4]}}},
+                 "search_space": {"model.adapter.rank": {"grid": list(ranks)}}},
     }
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -74,7 +74,8 @@ def _checkpoints(trial_dir: Path) -> list[dict]:
 
 
 def test_killed_driver_resumes_without_rerunning_finished_trials(prepared, tmp_path):
-    config = _sweep_yaml(tmp_path / "sweep.yaml", prepared, tmp_path / "out", "resume")
+    # Two trials: the first finishes before the kill, the second is left for the resumed sweep.
+    config = _sweep_yaml(tmp_path / "sweep.yaml", prepared, tmp_path / "out", "resume", ranks=(16, 8))
     ray_tmp = tempfile.mkdtemp(prefix="hr-")
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     cmd = [sys.executable, str(Path(__file__).with_name("tune_run.py")), "--config", str(config)]
@@ -106,4 +107,4 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(prepared, tmp_p
     assert "resuming sweep" in done.stdout
     assert _checkpoints(first) == finished  # the finished trial was not run again
     rows = json.loads((tmp_path / "out" / "resume" / "summary" / "table.json").read_text())
-    assert sorted(r["rank"] for r in rows) == [4, 8, 16]
+    assert sorted(r["rank"] for r in rows) == [8, 16]

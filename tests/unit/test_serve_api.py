@@ -15,11 +15,12 @@ from harma.serve.api import (
     decode_base64,
     parse_image_json,
     parse_image_params,
+    parse_text_queries,
     parse_text_query,
 )
 from harma.serve.encoder import UnreadableImageError, decode_query_image
 
-LIMITS = Limits(max_top_k=20, max_text_chars=50)
+LIMITS = Limits(max_top_k=20, max_text_chars=50, max_batch_queries=3)
 JSON = "application/json"
 
 
@@ -107,3 +108,28 @@ def test_serve_args_are_strict():
     assert args.limits.max_top_k == 100
     with pytest.raises(ValueError, match="index"):
         ServeArgs(checkpoint_uri="c", index="i")
+
+
+def test_batch_of_text_queries_ok_in_order():
+    body = b'{"queries": [{"text": "two bridges", "k": 3}, {"text": "a port", "filters": {"split": "test"}}]}'
+    queries = parse_text_queries(body, JSON, LIMITS)
+    assert [(q.text, q.k, q.filters) for q in queries] == [("two bridges", 3, {}), ("a port", 10, {"split": "test"})]
+
+
+@pytest.mark.parametrize("body, status, message", [
+    (b'{"queries": []}', 422, "queries is empty"),
+    (b'{"queries": [' + b", ".join([b'{"text": "x"}'] * 4) + b"]}", 422, "4 queries; the limit is 3 per request"),
+    (b'{"queries": [{"text": "x"}, {"text": "  "}]}', 422, "queries[1]: text is empty"),
+    (b'{"queries": [{"text": "x"}, {"text": "y"}, {"text": "z", "k": 21}]}', 422,
+     "queries[2]: k must be between 1 and 20, got 21"),
+    (b'{"queries": [{"text": "x", "filters": {"colour": "red"}}]}', 422, "queries[0]: cannot filter on 'colour'"),
+    (b'{"queries": [{"k": 2}]}', 422, "queries.0.text: Field required"),
+    (b'{"queries": "two bridges"}', 422, "queries: Input should be a valid list"),
+    (b'{"texts": ["x"]}', 422, "queries: Field required"),
+    (b'[{"text": "x"}]', 422, "must be a JSON object"),
+    (b'{"queries": [', 400, "malformed JSON"),
+])
+def test_batch_of_text_queries_errors_name_the_query(body, status, message):
+    with pytest.raises(ApiError) as err:
+        parse_text_queries(body, JSON, LIMITS)
+    assert err.value.status == status and message in err.value.message, err.value.message

@@ -34,6 +34,7 @@ class Limits(BaseModel):
     max_top_k: int = 100
     max_text_chars: int = 1000
     max_request_bytes: int = 8 * 1024 * 1024
+    max_batch_queries: int = 256
 
 
 class ServeArgs(BaseModel):
@@ -47,6 +48,8 @@ class ServeArgs(BaseModel):
     max_top_k: int = Field(100, ge=1, le=10_000)
     max_text_chars: int = Field(1000, ge=1)
     max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Larger bodies get 413.")
+    max_batch_queries: int = Field(256, ge=1, le=10_000,
+                                   description="Most text queries in one POST /v1/text-to-images/batch.")
     api_key_env: str = Field("HARMA_API_KEY", description="Env var holding the API key; unset = no auth.")
     max_batch_size: int = Field(32, ge=1, description="Queries encoded and searched together.")
     batch_wait_timeout_s: float = Field(
@@ -56,7 +59,7 @@ class ServeArgs(BaseModel):
     @property
     def limits(self) -> Limits:
         return Limits(max_top_k=self.max_top_k, max_text_chars=self.max_text_chars,
-                      max_request_bytes=self.max_request_bytes)
+                      max_request_bytes=self.max_request_bytes, max_batch_queries=self.max_batch_queries)
 
 
 class _Request(BaseModel):
@@ -72,6 +75,12 @@ class _Request(BaseModel):
 
 class TextQuery(_Request):
     text: str = Field(description="The query caption.")
+
+
+class TextQueries(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    queries: list[TextQuery] = Field(description="Text queries (up to max_batch_queries), answered in order.")
 
 
 class ImageQuery(_Request):
@@ -100,6 +109,17 @@ class SearchResponse(BaseModel):
     took_ms: float
 
 
+class BatchItem(BaseModel):
+    query: dict[str, Any]
+    results: list[ImageHit]
+
+
+class BatchSearchResponse(BaseModel):
+    responses: list[BatchItem] = Field(description="One per query, in the order sent.")
+    index: dict[str, Any]
+    took_ms: float
+
+
 class ErrorBody(BaseModel):
     error: dict[str, Any]
 
@@ -124,7 +144,7 @@ def parse_json(body: bytes, content_type: str | None) -> Any:
         raise ApiError(400, f"malformed JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
 
 
-def _validate(model: type[_Request], raw: Any) -> Any:
+def _validate(model: type[BaseModel], raw: Any) -> Any:
     if not isinstance(raw, dict):
         raise ApiError(422, f"the body must be a JSON object, got {type(raw).__name__}")
     try:
@@ -146,14 +166,33 @@ def check_common(query: _Request, limits: Limits) -> None:
             raise ApiError(422, f"filter {key!r} has an empty list of values")
 
 
-def parse_text_query(body: bytes, content_type: str | None, limits: Limits) -> TextQuery:
-    query = _validate(TextQuery, parse_json(body, content_type))
+def check_text_query(query: TextQuery, limits: Limits) -> None:
     if not query.text.strip():
         raise ApiError(422, "text is empty")
     if len(query.text) > limits.max_text_chars:
         raise ApiError(422, f"text has {len(query.text)} characters; the limit is {limits.max_text_chars}")
     check_common(query, limits)
+
+
+def parse_text_query(body: bytes, content_type: str | None, limits: Limits) -> TextQuery:
+    query = _validate(TextQuery, parse_json(body, content_type))
+    check_text_query(query, limits)
     return query
+
+
+def parse_text_queries(body: bytes, content_type: str | None, limits: Limits) -> list[TextQuery]:
+    """The queries of a batch request; an error names the query it is about (`queries[3]: ...`)."""
+    queries = _validate(TextQueries, parse_json(body, content_type)).queries
+    if not queries:
+        raise ApiError(422, "queries is empty; send at least one")
+    if len(queries) > limits.max_batch_queries:
+        raise ApiError(422, f"{len(queries)} queries; the limit is {limits.max_batch_queries} per request")
+    for i, query in enumerate(queries):
+        try:
+            check_text_query(query, limits)
+        except ApiError as err:
+            raise ApiError(err.status, f"queries[{i}]: {err.message}") from None
+    return queries
 
 
 def decode_base64(data: str) -> bytes:

@@ -14,6 +14,8 @@ one model thread, so the replica keeps accepting requests, which then form the n
 HTTP API (OpenAPI at /openapi.json, interactive docs at /docs; the web page at /):
 
     POST /v1/text-to-images      {"text": "...", "k": 10, "filters": {"split": "test"}}
+    POST /v1/text-to-images/batch {"queries": [{"text": "...", "k": 10}, ...]}: many queries, one
+                                 request (up to max_batch_queries; answered in order)
     POST /v1/image-to-images     JSON {"image_base64": ...}, a multipart upload (field `image`),
     POST /v1/image-to-captions   or the raw bytes with Content-Type image/* (k etc. in the query)
     GET  /v1/thumbnails/{id}     the JPEG thumbnail kept in the index
@@ -49,14 +51,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import ray
 from harma.serve.api import (
     ApiError,
+    BatchSearchResponse,
     ErrorBody,
     ImageQuery,
     SearchResponse,
     ServeArgs,
+    TextQueries,
     TextQuery,
     media_type,
     parse_image_json,
     parse_image_params,
+    parse_text_queries,
     parse_text_query,
 )
 from harma.serve.coalesce import BatchCoalescer
@@ -333,6 +338,35 @@ class Retriever:
         query = parse_text_query(await _read_body(request, self.limits.max_request_bytes), request.headers.get("content-type"), self.limits)
         job = _Job("images", query.k, query.filters, query.include_thumbnails, text=query.text)
         return await self._respond(job, "text", started)
+
+    @api.post("/v1/text-to-images/batch", responses={**_ERRORS, 200: {"model": BatchSearchResponse}},
+              openapi_extra=_json_body(TextQueries))
+    async def text_to_images_batch(self, request: Request) -> JSONResponse:
+        """Many text queries in one request: HTTP and JSON costs paid once for all of them.
+
+        The queries go to the replica's batcher in groups of at most `max_batch_size`, where they
+        share forward passes with each other and with single queries. All or nothing: a query that
+        fails (a filter on a value of the wrong kind, say) fails the request with its position.
+        (The response is documented with BatchSearchResponse but not re-validated against it: for
+        256 queries that would cost more than the search.)
+        """
+        started = time.perf_counter()
+        self._authorize(request)
+        queries = parse_text_queries(await _read_body(request, self.limits.max_request_bytes),
+                                     request.headers.get("content-type"), self.limits)
+        jobs = [_Job("images", q.k, q.filters, q.include_thumbnails, text=q.text) for q in queries]
+        size = self.args.max_batch_size
+        groups = await asyncio.gather(*(self._coalescers["text"].submit(jobs[i:i + size])
+                                        for i in range(0, len(jobs), size)))
+        answers = [answer for group in groups for answer in group]
+        for i, answer in enumerate(answers):
+            if isinstance(answer, ApiError):
+                raise ApiError(answer.status, f"queries[{i}]: {answer.message}")
+        index = answers[0]["index"]
+        return JSONResponse({
+            "responses": [{"query": {"kind": "text", "target": "images", "k": job.k, "filters": job.filters},
+                           "results": answer["results"]} for job, answer in zip(jobs, answers, strict=True)],
+            "index": index, "took_ms": round((time.perf_counter() - started) * 1000, 3)})
 
     @api.post("/v1/image-to-images", response_model=SearchResponse, responses=_ERRORS,
               openapi_extra=_image_body())

@@ -1,12 +1,13 @@
 """A closed-loop HTTP load generator for the search service, run as its own process.
 
     python -m harma.serve.loadtest --url http://127.0.0.1:8000 --seconds 30 --concurrency 16 \\
-        [--api-key KEY] [--out load.json]
+        [--bulk N] [--api-key KEY] [--out load.json]
 
 `concurrency` clients each send text queries back to back for `seconds` (bounded in time: a
-request still open at the end is cancelled and counted as unfinished, not failed). Prints and
-writes: requests, failures (non-200 or connection errors, with their first messages), queries/s,
-latency percentiles, the start time (unix) and per-second counts (for lining up with replica scaling or a killed replica).
+request still open at the end is cancelled and counted as unfinished, not failed); with `--bulk N`
+each request carries N queries to /v1/text-to-images/batch. Prints and writes: requests, failures
+(non-200 or connection errors, with their first messages), queries/s, latency percentiles (per
+request), the start time (unix) and per-second counts (for lining up with replica scaling or a killed replica).
 """
 
 from __future__ import annotations
@@ -36,13 +37,16 @@ def percentiles(latencies_ms: list[float]) -> dict[str, float]:
 
 
 async def _client(session, url: str, headers: dict, deadline: float, k: int, rng: random.Random,
-                  records: list[dict[str, Any]]) -> None:
+                  records: list[dict[str, Any]], bulk: int = 0) -> None:
     import aiohttp
 
     while time.perf_counter() < deadline:
-        body = {"text": rng.choice(QUERIES), "k": k}
+        if bulk:
+            body: dict[str, Any] = {"queries": [{"text": rng.choice(QUERIES), "k": k} for _ in range(bulk)]}
+        else:
+            body = {"text": rng.choice(QUERIES), "k": k}
         start = time.perf_counter()
-        record: dict[str, Any] = {"t": start}
+        record: dict[str, Any] = {"t": start, "queries": bulk or 1}
         try:
             async with session.post(url, json=body, headers=headers) as response:
                 payload = await response.read()
@@ -57,11 +61,11 @@ async def _client(session, url: str, headers: dict, deadline: float, k: int, rng
 
 
 async def run_load(base_url: str, seconds: float, concurrency: int, k: int = 10,
-                   api_key: str | None = None, seed: int = 0) -> dict[str, Any]:
+                   api_key: str | None = None, seed: int = 0, bulk: int = 0) -> dict[str, Any]:
     """Run the load; returns the summary (see the module docstring)."""
     import aiohttp
 
-    url = base_url.rstrip("/") + "/v1/text-to-images"
+    url = base_url.rstrip("/") + ("/v1/text-to-images/batch" if bulk else "/v1/text-to-images")
     headers = {"X-API-Key": api_key} if api_key else {}
     records: list[dict[str, Any]] = []
     started_unix = time.time()
@@ -70,7 +74,8 @@ async def run_load(base_url: str, seconds: float, concurrency: int, k: int = 10,
     timeout = aiohttp.ClientTimeout(total=max(30.0, seconds))
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-        tasks = [asyncio.create_task(_client(session, url, headers, deadline, k, random.Random(seed + i), records))
+        tasks = [asyncio.create_task(_client(session, url, headers, deadline, k, random.Random(seed + i), records,
+                                             bulk))
                  for i in range(concurrency)]
         done, pending = await asyncio.wait(tasks, timeout=seconds + 30)
         for task in pending:
@@ -84,8 +89,9 @@ async def run_load(base_url: str, seconds: float, concurrency: int, k: int = 10,
         slot["ok" if r["status"] == 200 else "failed"] += 1
     return {
         "url": url, "started_unix": started_unix, "seconds": round(wall, 2), "concurrency": concurrency,
-        "requests": len(records), "ok": len(ok), "failed": len(failed),
-        "unfinished": len(pending), "qps": len(ok) / wall if wall else 0.0,
+        "bulk": bulk, "requests": len(records), "ok": len(ok), "failed": len(failed),
+        "unfinished": len(pending), "qps": sum(r["queries"] for r in ok) / wall if wall else 0.0,
+        "requests_per_s": len(ok) / wall if wall else 0.0,
         "latency_ms": percentiles([r["ms"] for r in ok]),
         "errors": sorted({r.get("error", "")[:160] for r in failed})[:10],
         "failures": [[round(r["t"] - t0, 2), r.get("error", "")[:80]] for r in failed][:100],  # [start s, error]
@@ -95,7 +101,8 @@ async def run_load(base_url: str, seconds: float, concurrency: int, k: int = 10,
 
 def format_summary(summary: dict[str, Any]) -> str:
     lat = summary["latency_ms"]
-    return (f"{summary['requests']} requests in {summary['seconds']:.1f} s at concurrency "
+    per = f" of {summary['bulk']} queries" if summary.get("bulk") else ""
+    return (f"{summary['requests']} requests{per} in {summary['seconds']:.1f} s at concurrency "
             f"{summary['concurrency']}: {summary['ok']} ok, {summary['failed']} failed, "
             f"{summary['qps']:.1f} q/s; latency p50 {lat['p50']:.1f} ms, p90 {lat['p90']:.1f} ms, "
             f"p99 {lat['p99']:.1f} ms, max {lat['max']:.1f} ms")
@@ -108,10 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--bulk", type=int, default=0,
+                        help="queries per request, sent to /v1/text-to-images/batch (0: one per request)")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--out", default=None, help="write the summary as JSON here")
     args = parser.parse_args(argv)
-    summary = asyncio.run(run_load(args.url, args.seconds, args.concurrency, args.k, args.api_key))
+    summary = asyncio.run(run_load(args.url, args.seconds, args.concurrency, args.k, args.api_key, bulk=args.bulk))
     print(format_summary(summary), flush=True)
     if args.out:
         with open(args.out, "w") as handle:
