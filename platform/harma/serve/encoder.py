@@ -12,6 +12,7 @@ index and the queries are embedded by exactly the same code. Images get the eval
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -21,6 +22,9 @@ import torch
 from PIL import Image
 
 from harma.data.transforms import eval_uint8, normalize_pixels, tokenize
+from harma.serve.traced import Tower, trace_tower
+
+log = logging.getLogger(__name__)
 
 # Reject images whose header claims more pixels than this before decoding them (decompression bombs).
 MAX_IMAGE_PIXELS = 64_000_000
@@ -83,9 +87,13 @@ def decode_query_image(data: bytes, size: int) -> np.ndarray:
 
 
 class QueryEncoder:
-    """Text and image embeddings (L2-normalised, float32) from a checkpoint."""
+    """Text and image embeddings (L2-normalised, float32) from a checkpoint.
 
-    def __init__(self, checkpoint_uri: str, device: str = "auto"):
+    With `trace=True` (the default) both towers run as TorchScript graphs checked against the
+    eager model (see harma.serve.traced); `towers` says which form each tower runs in.
+    """
+
+    def __init__(self, checkpoint_uri: str, device: str = "auto", trace: bool = True):
         from harma.model.backbone import build_tokenizer
         from harma.model.checkpoint import load_checkpoint
 
@@ -100,12 +108,37 @@ class QueryEncoder:
         self.max_words = cfg.data.max_words
         self._tokenizer = build_tokenizer(model.arch.name)
         self._dtype = next(model.parameters()).dtype
+        self._text: Tower = self.model.encode_text
+        self._image: Tower = self.model.encode_image
+        self.towers = {"text": "eager", "image": "eager"}
+        if trace:
+            self._trace_towers()
+
+    def _trace_towers(self) -> None:
+        # bf16 rounding, or CUDA kernels chosen differently for the graph, move scores a little more.
+        atol = 2e-2 if self._dtype != torch.float32 else 1e-3 if self.device.type == "cuda" else 1e-4
+        texts = ["a", "two bridges over a river next to farmland", "many planes parked near a large terminal"]
+        tokens = self._tokens(texts)
+        size = self.image_size
+        pixels = torch.rand((3, 3, size, size), generator=torch.Generator().manual_seed(0)).to(self.device, self._dtype)
+        for kind, method, example, probes in (
+            ("text", "encode_text", tokens[1:], [tokens[:1], tokens]),
+            ("image", "encode_image", pixels[1:], [pixels[:1], pixels]),
+        ):
+            graph, why = trace_tower(self.model, method, example, probes, atol)
+            if graph is None:
+                log.warning("%s tower stays eager: %s", kind, why)
+                continue
+            setattr(self, f"_{kind}", graph)
+            self.towers[kind] = "traced"
+
+    def _tokens(self, texts: list[str]) -> torch.Tensor:
+        return torch.from_numpy(tokenize(texts, self._tokenizer, self.max_words)).to(self.device)
 
     @torch.inference_mode()
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         """(Q,) captions -> (Q, D) float32 embeddings on the device."""
-        tokens = torch.from_numpy(tokenize(texts, self._tokenizer, self.max_words)).to(self.device)
-        return self.model.encode_text(tokens).float()
+        return self._text(self._tokens(texts)).float()
 
     def preprocess(self, data: bytes) -> np.ndarray:
         """Image bytes -> (3, S, S) uint8 at the model's size (raises UnreadableImageError)."""
@@ -115,4 +148,4 @@ class QueryEncoder:
     def encode_pixels(self, pixels: np.ndarray) -> torch.Tensor:
         """(B, 3, S, S) uint8 -> (B, D) float32 embeddings on the device."""
         batch = normalize_pixels(torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device))
-        return self.model.encode_image(batch.to(self._dtype)).float()
+        return self._image(batch.to(self._dtype)).float()
