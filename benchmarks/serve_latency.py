@@ -201,7 +201,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--arch", default="harma-tiny")
     parser.add_argument("--images", type=int, default=10_000)
-    parser.add_argument("--seconds", type=float, default=15, help="for each of the 4 phases")
+    parser.add_argument("--seconds", type=float, default=15, help="for each of the 5 phases")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--batch", type=int, default=32, help="max_batch_size of the replica")
     parser.add_argument("--bulk", type=int, default=32, help="queries per request in the bulk phase")

@@ -1,7 +1,7 @@
 """The model's text and image towers as TorchScript graphs, for inference only.
 
-    tower = trace_tower(model.encode_text, example_tokens, probes=[one_query, three_queries])
-    emb = tower(tokens) if tower is not None else model.encode_text(tokens)
+    graph, why = trace_tower(model, "encode_text", two_queries, probes=[one_query, three_queries])
+    emb = graph(tokens) if graph is not None else model.encode_text(tokens)   # else: log `why`
 
 Why: one forward pass through open_clip and the HarMA adapters is a few hundred small torch calls.
 Eagerly, Python runs between each pair of them and holds the GIL while it does. In a Serve replica
@@ -19,13 +19,10 @@ eager tower, and the reason is logged.
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Callable, Sequence
 
 import torch
-
-log = logging.getLogger(__name__)
 
 Tower = Callable[[torch.Tensor], torch.Tensor]
 
