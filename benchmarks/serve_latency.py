@@ -15,7 +15,10 @@ does not depend on their values), both measured while Ray and Serve run:
 * Serve's own ceiling: the same load against a replica with the same options whose route only
   reads the body and returns a fixed JSON answer of the same size (no model, no search): what one
   replica's HTTP path delivers on this machine at best, so the single-query figure can be read
-  against both the model's ceiling (direct) and Serve's;
+  against both the model's ceiling (direct) and Serve's. Their bound on this machine: on a CPU
+  the model's and Serve's work per query share the cores, 1 / (1/direct + 1/ceiling) queries/s
+  at best (on a GPU the smaller of the two); and
+  the same route one request at a time: Serve's share of the low-load overhead;
 * bulk: the same against POST /v1/text-to-images/batch, `--bulk` queries per request from
   `--bulk-concurrency` clients: HTTP, JSON and Serve's routing paid once per request, not per
   query (reported beside the single-query figure, as its own ratio).
@@ -106,14 +109,22 @@ class HttpSearch:
         return json.loads(body)
 
 
-def low_load_figures(direct: DirectSearch, url: str, seconds: float, block_s: float = 0.5) -> dict:
+def low_load_figures(direct: DirectSearch, url: str, seconds: float, min_block_s: float = 0.5) -> dict:
     """One query at a time, in alternating blocks of direct calls and HTTP queries, so that the
     machine's drifting background load weighs on both sides alike. Blocks, not single pairs:
     after a call torch's OpenMP threads spin for a while, and the other side's next query would
-    pay for it. The first queries of each block are left out; overhead = HTTP p50 - direct p50."""
+    pay for it. The first 3 queries of each block are left out, so a block lasts at least 12
+    queries (ViT-B-32 on a CPU: ~1.5 s), and the phase at least 4 rounds after the warm-up one.
+    Overhead = HTTP p50 - direct p50."""
     from harma.serve.loadtest import QUERIES, percentiles
 
     http = HttpSearch(url)
+    for _ in range(3):  # warm both paths, then time one query
+        http(QUERIES[0])
+        t = time.perf_counter()
+        direct([QUERIES[0]])
+    block_s = max(min_block_s, 12 * (time.perf_counter() - t))
+    seconds = max(seconds, 5 * 2 * block_s)
     d_ms: list[float] = []
     h_ms: list[float] = []
     took_ms: list[float] = []
@@ -134,10 +145,39 @@ def low_load_figures(direct: DirectSearch, url: str, seconds: float, block_s: fl
                         took_ms.append(answer["took_ms"])
                 i, n = i + 1, n + 1
         blocks += 1
-    return {"blocks": blocks, "direct_queries": len(d_ms), "http_queries": len(h_ms),
+    if not d_ms or not h_ms:
+        raise SystemExit(f"low load: no {'direct' if not d_ms else 'HTTP'} query finished within a "
+                         f"{block_s:.1f} s block after warm-up; is the machine overloaded? (--seconds {seconds})")
+    return {"blocks": blocks, "block_s": block_s, "direct_queries": len(d_ms), "http_queries": len(h_ms),
             "direct_ms": percentiles(d_ms), "http_ms": percentiles(h_ms),
             "replica_handler_ms": percentiles(took_ms),
             "overhead_p50_ms": float(np.percentile(h_ms, 50) - np.percentile(d_ms, 50))}
+
+
+def sequential_http_ms(url: str, seconds: float) -> dict:
+    """One request at a time for `seconds` (the first 3 left out): p50/p99 of each."""
+    from harma.serve.loadtest import QUERIES, percentiles
+
+    http = HttpSearch(url)
+    ms: list[float] = []
+    end, i = time.perf_counter() + seconds, 0
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        http(QUERIES[i % len(QUERIES)])
+        if i >= 3:
+            ms.append((time.perf_counter() - t) * 1000)
+        i += 1
+    return {"requests": len(ms), **percentiles(ms)}
+
+
+def combined_bound_qps(direct_qps: float, serve_qps: float, shared_cores: bool) -> float:
+    """The most queries/s one replica's machine can answer one query per request. On a CPU the
+    model's work (the direct batched rate alone) and Serve's HTTP work (the no-work route's rate
+    alone) share the cores, each query costing 1/direct_qps + 1/serve_qps of the machine; on a GPU
+    they run side by side and the slower one bounds."""
+    if shared_cores:
+        return 1.0 / (1.0 / direct_qps + 1.0 / serve_qps)
+    return min(direct_qps, serve_qps)
 
 
 def direct_batched_qps(direct: DirectSearch, batch: int, seconds: float) -> float:
@@ -268,12 +308,14 @@ def main() -> None:
     ceiling = run_load(url, args.seconds, args.concurrency)
     if not ceiling["ok"]:
         raise SystemExit(f"the ceiling app answered no request: {ceiling['errors']}")
+    floor = sequential_http_ms(url, args.seconds / 2)
     ray.serve.shutdown()
     ray.shutdown()
 
     overhead = low["overhead_p50_ms"]
     ratio = saturated["qps"] / direct_qps
     ceiling_qps = ceiling["qps"]
+    bound = combined_bound_qps(direct_qps, ceiling_qps, shared_cores=args.device == "cpu")
     bulk_ratio = bulk["qps"] / direct_qps
     result = {"arch": args.arch, "images": args.images, "device": args.device, "batch": args.batch, "towers": towers, "threads": threads,
               "concurrency": args.concurrency, "batch_wait_timeout_s": args.batch_wait, "ingress": args.ingress,
@@ -281,13 +323,15 @@ def main() -> None:
               "cpu_count": os.cpu_count(), "low_load": low, "direct_batched_qps": direct_qps,
               "saturated": saturated,
               "serve_ceiling": {"qps": ceiling_qps, "latency_ms": ceiling["latency_ms"], "failed": ceiling["failed"],
-                                "of_direct": ceiling_qps / direct_qps},
-              "saturated_of_serve_ceiling": saturated["qps"] / ceiling_qps, "bulk": {"queries_per_request": args.bulk,
+                                "of_direct": ceiling_qps / direct_qps, "low_load_ms": floor},
+              "saturated_of_serve_ceiling": saturated["qps"] / ceiling_qps,
+              "combined_bound_qps": bound, "saturated_of_combined_bound": saturated["qps"] / bound, "bulk": {"queries_per_request": args.bulk,
                                                 "concurrency": args.bulk_concurrency, **bulk},
               "overhead_p50_ms": overhead, "throughput_ratio": ratio, "bulk_throughput_ratio": bulk_ratio,
               "targets": {"overhead_p50_ms": 3.0, "throughput_ratio": 0.7}}
     rows = [("low load p50 (ms)", low["direct_ms"]["p50"], low["http_ms"]["p50"]),
             ("low load p99 (ms)", low["direct_ms"]["p99"], low["http_ms"]["p99"]),
+            ("no-work route p50 (ms)", 0.0, floor["p50"]),
             ("saturated queries/s", direct_qps, saturated["qps"]),
             ("Serve ceiling req/s", direct_qps, ceiling_qps),
             (f"bulk ({args.bulk}/request) q/s", direct_qps, bulk["qps"])]
@@ -304,7 +348,11 @@ def main() -> None:
           f"{bulk['mean_batch']:.1f} each (request p50 {bulk['latency_ms']['p50']:.1f} ms)")
     print(f"Serve's own ceiling (a route with no work, same load): {ceiling_qps:.0f} requests/s, "
           f"{ceiling_qps / direct_qps:.2f} of the direct throughput; the replica reached "
-          f"{saturated['qps'] / ceiling_qps:.2f} of it")
+          f"{saturated['qps'] / ceiling_qps:.2f} of it; at low load it answers in {floor['p50']:.2f} ms at p50 "
+          f"(Serve's floor under the overhead)")
+    print(f"one query per request, with the model's and Serve's HTTP work {'sharing the cores' if args.device == 'cpu' else 'side by side'}: at most "
+          f"{bound:.0f} q/s ({bound / direct_qps:.2f} of direct) on this machine; the replica reached "
+          f"{saturated['qps'] / bound:.2f} of that")
     print(f"Serve overhead at p50: {overhead:.2f} ms (target <= 3); throughput ratio {ratio:.2f} one query per "
           f"request, {bulk_ratio:.2f} with {args.bulk} per request (target >= 0.7); failed requests "
           f"{saturated['failed'] + bulk['failed'] + ceiling['failed']}")
