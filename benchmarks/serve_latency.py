@@ -315,9 +315,11 @@ def main() -> None:
     overhead = low["overhead_p50_ms"]
     ratio = saturated["qps"] / direct_qps
     ceiling_qps = ceiling["qps"]
-    bound = combined_bound_qps(direct_qps, ceiling_qps, shared_cores=args.device == "cpu")
+    shared_cores = args.device == "cpu"  # the model runs on the cores that serve HTTP
+    bound = combined_bound_qps(direct_qps, ceiling_qps, shared_cores)
     bulk_ratio = bulk["qps"] / direct_qps
-    result = {"arch": args.arch, "images": args.images, "device": args.device, "batch": args.batch, "towers": towers, "threads": threads,
+    result = {"arch": args.arch, "images": args.images, "device": args.device, "batch": args.batch,
+              "towers": towers, "threads": threads,
               "concurrency": args.concurrency, "batch_wait_timeout_s": args.batch_wait, "ingress": args.ingress,
               "access_log": args.access_log,
               "cpu_count": os.cpu_count(), "low_load": low, "direct_batched_qps": direct_qps,
@@ -325,8 +327,8 @@ def main() -> None:
               "serve_ceiling": {"qps": ceiling_qps, "latency_ms": ceiling["latency_ms"], "failed": ceiling["failed"],
                                 "of_direct": ceiling_qps / direct_qps, "low_load_ms": floor},
               "saturated_of_serve_ceiling": saturated["qps"] / ceiling_qps,
-              "combined_bound_qps": bound, "saturated_of_combined_bound": saturated["qps"] / bound, "bulk": {"queries_per_request": args.bulk,
-                                                "concurrency": args.bulk_concurrency, **bulk},
+              "combined_bound_qps": bound, "saturated_of_combined_bound": saturated["qps"] / bound,
+              "bulk": {"queries_per_request": args.bulk, "concurrency": args.bulk_concurrency, **bulk},
               "overhead_p50_ms": overhead, "throughput_ratio": ratio, "bulk_throughput_ratio": bulk_ratio,
               "targets": {"overhead_p50_ms": 3.0, "throughput_ratio": 0.7}}
     rows = [("low load p50 (ms)", low["direct_ms"]["p50"], low["http_ms"]["p50"]),
@@ -350,7 +352,7 @@ def main() -> None:
           f"{ceiling_qps / direct_qps:.2f} of the direct throughput; the replica reached "
           f"{saturated['qps'] / ceiling_qps:.2f} of it; at low load it answers in {floor['p50']:.2f} ms at p50 "
           f"(Serve's floor under the overhead)")
-    print(f"one query per request, with the model's and Serve's HTTP work {'sharing the cores' if args.device == 'cpu' else 'side by side'}: at most "
+    print(f"one query per request, with the model's and Serve's HTTP work {'sharing the cores' if shared_cores else 'side by side'}: at most "
           f"{bound:.0f} q/s ({bound / direct_qps:.2f} of direct) on this machine; the replica reached "
           f"{saturated['qps'] / bound:.2f} of that")
     print(f"Serve overhead at p50: {overhead:.2f} ms (target <= 3); throughput ratio {ratio:.2f} one query per "

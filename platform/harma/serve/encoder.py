@@ -110,7 +110,6 @@ class QueryEncoder:
         self._dtype = next(model.parameters()).dtype
         self._text: Tower = self.model.encode_text
         self._image: Tower = self.model.encode_image
-        self.towers = {"text": "eager", "image": "eager"}
         if trace:
             self._trace_towers()
 
@@ -130,7 +129,12 @@ class QueryEncoder:
                 log.warning("%s tower stays eager: %s", kind, why)
                 continue
             setattr(self, f"_{kind}", graph)
-            self.towers[kind] = "traced"
+
+    @property
+    def towers(self) -> dict[str, str]:
+        """How each tower runs: "traced" (a TorchScript graph) or "eager"."""
+        return {kind: "traced" if isinstance(tower, torch.jit.ScriptModule) else "eager"
+                for kind, tower in (("text", self._text), ("image", self._image))}
 
     def _tokens(self, texts: list[str]) -> torch.Tensor:
         return torch.from_numpy(tokenize(texts, self._tokenizer, self.max_words)).to(self.device)
