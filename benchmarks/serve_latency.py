@@ -1,7 +1,7 @@
 """Serving benchmark: HTTP through Ray Serve vs a direct call of the same encoder + search.
 
     .ci/venv python benchmarks/serve_latency.py [--arch harma-tiny] [--images 10000] \\
-        [--seconds 15] [--concurrency 32] [--device cpu] [--out benchmarks/results/serve_latency.json]
+        [--seconds 15] [--concurrency 32] [--device cpu] [--out benchmarks/results/serve_latency.json] [--smoke]
 
 Same process, same run, same checkpoint and index (random weights, random unit embeddings: cost
 does not depend on their values), both measured while Ray and Serve run:
@@ -258,7 +258,11 @@ def main() -> None:
                         "threads from it) and this process's (0: all cores)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="benchmarks/results/serve_latency.json")
+    parser.add_argument("--smoke", action="store_true",
+                        help="seconds, tiny sizes (CI runs it so a broken benchmark is a red CI)")
     args = parser.parse_args()
+    if args.smoke:
+        args.images, args.seconds, args.concurrency, args.bulk_concurrency = 200, 1.0, 4, 2
 
     os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="hr-"))
     root = tempfile.mkdtemp(prefix="harma-serve-bench-")

@@ -2,7 +2,7 @@
 bare model step on in-memory tensors, same machine, same run.
 
     .ci/venv python benchmarks/train_step.py [--arch harma-tiny] [--workers 1 2] [--zero 0]
-        [--precision fp32] [--out benchmarks/results/train_step.json]
+        [--precision fp32] [--out benchmarks/results/train_step.json] [--smoke]
 
 Bare: one process, `train_step` with a plain torch optimizer on one fixed in-memory batch
 (torch's default threads). End to end: `harma.train.fit` on a prepared dataset in a local
@@ -36,7 +36,8 @@ def bare_pairs_per_s(arch: str, batch: int, steps: int, device: str, precision: 
     opt = build_optimizer(model, OptimizerConfig())
     engine = TorchEngine(model, opt, build_scheduler(opt, 10**6, ScheduleConfig()))
     size = model.arch.image_size
-    tok = build_tokenizer(arch)([f"{i} red storage tanks next to a river" for i in range(batch)])
+    # The tokenizer returns numpy (it runs in Ray Data tasks that import no torch).
+    tok = torch.from_numpy(build_tokenizer(arch)([f"{i} red storage tanks next to a river" for i in range(batch)]))
     data = {"image": torch.randn(batch, 3, size, size, device=device), "tokens": tok.to(device),
             "image_id": torch.arange(batch, device=device)}
     autocast = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16,
@@ -65,14 +66,18 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--out", default="benchmarks/results/train_step.json")
+    parser.add_argument("--smoke", action="store_true",
+                        help="seconds, tiny sizes (CI runs it so a broken benchmark is a red CI)")
     args = parser.parse_args()
+    if args.smoke:
+        args.batch, args.images, args.epochs, args.workers = 16, 60, 1, [1]
     from harma.config import PlatformConfig
     from harma.data.prepare import prepare_dataset
     from harma.data.synth import synthesize
     from harma.train.driver import ensure_ray, fit
 
     device = "cuda" if args.gpu else "cpu"
-    bare = bare_pairs_per_s(args.arch, args.batch, 20, device, args.precision)
+    bare = bare_pairs_per_s(args.arch, args.batch, 3 if args.smoke else 20, device, args.precision)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         synthesize(f"{tmp}/raw", args.images, seed=0)

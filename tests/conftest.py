@@ -17,6 +17,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Runs the tests train log to one MLflow store of the session's (an s3:// run would otherwise keep
+# its runs in ./mlruns, the repository); tests/unit/test_tracking.py clears these for its own.
+if "MLFLOW_TRACKING_URI" not in os.environ:
+    os.environ["MLFLOW_TRACKING_URI"] = Path(tempfile.mkdtemp(prefix="harma-mlflow-")).as_uri()
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
 
 REPO = Path(__file__).resolve().parents[1]
 ANNOTATIONS = REPO.parent / "shared" / "data" / "annotations"
@@ -70,9 +75,11 @@ def s3_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
+def ray_cluster(tmp_path_factory, s3_server):
     """`ray.init` with 8 logical CPUs (and the machine's GPUs), so Train workers and Ray Data tasks
-    never starve on 2 cores."""
+    never starve on 2 cores. Started after the S3 store, so every Ray process has its settings in
+    its environment, as a real cluster's nodes do (jobs and Serve apps started later by other
+    drivers read S3 too)."""
     import ray
 
     if "RAY_TMPDIR" not in os.environ:

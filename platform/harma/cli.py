@@ -7,7 +7,7 @@
     harma data synth --out DIR --images N --seed S           generate an aerial dataset
     harma eval --checkpoint URI [--split test] [--data ROOT] [--out FILE]
     harma index build --config FILE [overrides]              embed a corpus into a retrieval index
-    harma serve serve_configs/FILE.yaml [--address ADDR]     run the Serve app locally (serve run)
+    harma serve serve_configs/FILE.yaml [overrides] [--address ADDR]   run the Serve app locally (serve run)
     harma submit jobs/FILE.yaml [overrides] [--address URL] [--no-wait]   a Ray job on a cluster
     harma jobs list | status ID | logs ID [--follow] | stop ID [--address URL]
 
@@ -135,29 +135,42 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _eval_job(args)
     if not args.checkpoint:
         raise ConfigError("give --checkpoint URI or --config FILE with an eval: section")
-    from harma.data.local import eval_arrays, load_split
-    from harma.model.backbone import build_tokenizer
-    from harma.model.checkpoint import load_checkpoint
-    from harma.train.evaluate import evaluate_arrays
+    from harma.data.local import load_split
+    from harma.model.checkpoint import load_checkpoint, require_checkpoint
+    from harma.train.evaluate import evaluate_split
 
+    require_checkpoint(args.checkpoint)
     model, cfg = load_checkpoint(args.checkpoint)
     root = args.data or cfg.data.root
     split_name = args.split or cfg.data.test_split
     split = load_split(root, split_name)
-    images, tokens = eval_arrays(split, model.arch.image_size, build_tokenizer(model.arch.name),
-                                 cfg.data.max_words)
-    metrics = evaluate_arrays(model, images, tokens, split.caption_image)
+    report = evaluate_split(model, split, cfg.data.max_words, cfg.train.eval_batch_size)
     result = {"checkpoint": args.checkpoint, "data": root, "split": split_name,
-              "images": len(split.images), "captions": len(split), "metrics": metrics}
-    return _report_eval(f"{split_name} ({len(split.images)} img)", result, args.out)
+              "images": len(split.images), "captions": len(split), **report}
+    return _report_eval(result, args.out)
 
 
-def _report_eval(label: str, result: dict, out: str | None) -> int:
-    """Print an eval's table and write its JSON (default: <checkpoint>/eval_<split>.json)."""
+def _report_eval(result: dict, out: str | None) -> int:
+    """Print an eval's tables (both tie protocols, per class) and write its JSON.
+
+    The JSON (default: <checkpoint>/eval_<split>.json) holds "metrics" (pessimistic ties, the
+    default), "metrics_official" and "per_class" (harma.eval.evaluation_report).
+    """
     from harma import storage
-    from harma.eval import format_table
+    from harma.eval import format_class_table, format_table
 
-    print(format_table({label: result["metrics"]}))
+    print(f"{result['split']}: {result['images']} images, {result['captions']} captions")
+    print(format_table({result["metrics"]["protocol"]: result["metrics"],
+                        "official ties": result["metrics_official"]}))
+    print("(official ties: the paper code's np.argsort reversed; pessimistic: a tied relevant item "
+          "ranks after every tied one)")
+    per_class = result.get("per_class")
+    if per_class:
+        src = per_class["label_sources"]
+        print(f"\nper scene class (each class's queries ranked against the whole gallery; labels: "
+              f"{src['label_name']} from annotations, {src['file_name']} from file names, "
+              f"{src['none']} unlabelled):")
+        print(format_class_table(per_class))
     out = out or storage.join(result["checkpoint"], f"eval_{result['split']}.json")
     storage.write_bytes(out, json.dumps(result, indent=1).encode())
     print(f"wrote {out}")
@@ -166,19 +179,23 @@ def _report_eval(label: str, result: dict, out: str | None) -> int:
 
 def _eval_job(args: argparse.Namespace) -> int:
     """`harma eval --config FILE`: the eval: section against prepared shards (a Ray-free job)."""
-    from harma.model.checkpoint import read_checkpoint_config
-    from harma.train.driver import evaluate_checkpoint
+    from harma.data.prepared import load_prepared_split
+    from harma.model.checkpoint import load_checkpoint, read_checkpoint_config, require_checkpoint
+    from harma.train.evaluate import evaluate_split
 
     cfg = load_config(args.config, args.overrides)
     if cfg.eval is None:
         raise ConfigError(f"{args.config}: no eval: section (eval.checkpoint_uri, eval.split)")
     job = cfg.eval
+    require_checkpoint(job.checkpoint_uri)
     prepared = job.prepared_uri or read_checkpoint_config(job.checkpoint_uri).data.prepared_uri
     if not prepared:
         raise ConfigError("eval.prepared_uri is not set and the checkpoint's config has no data.prepared_uri")
-    metrics = evaluate_checkpoint(job.checkpoint_uri, prepared, job.split)
-    return _report_eval(job.split, {"checkpoint": job.checkpoint_uri, "data": prepared, "split": job.split,
-                                    "metrics": metrics}, job.out)
+    model, ckpt_cfg = load_checkpoint(job.checkpoint_uri)
+    split = load_prepared_split(prepared, job.split)
+    report = evaluate_split(model, split, ckpt_cfg.data.max_words, ckpt_cfg.train.eval_batch_size)
+    return _report_eval({"checkpoint": job.checkpoint_uri, "data": prepared, "split": job.split,
+                         "images": len(split.images), "captions": len(split), **report}, job.out)
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
@@ -187,9 +204,11 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     if cfg.index is None:
         raise ConfigError(f"{args.config}: no index: section (index.checkpoint_uri, index.corpus_uri, "
                           "index.output_uri)")
+    from harma.model.checkpoint import require_checkpoint
     from harma.serve.build import build_index
     from harma.train.driver import ensure_ray
 
+    require_checkpoint(cfg.index.checkpoint_uri)  # before any cluster starts
     ensure_ray()
     manifest = build_index(cfg.index, progress=logging.getLogger("harma").info)
     print(f"index {cfg.index.output_uri}: {manifest['images']} images, {manifest['captions']} captions, "
@@ -206,15 +225,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import yaml
 
+    from harma.model.checkpoint import require_checkpoint
     from harma.serve.configs import HARMA_IMPORT_PATH, load_serve_config, resolve_local_paths
     from harma.serve.index import check_index_matches, checkpoint_fingerprint, read_manifest
 
-    raw = resolve_local_paths(load_serve_config(args.file))
-    for app in raw["applications"]:
+    raw = resolve_local_paths(load_serve_config(args.file, args.overrides))
+    for app in raw["applications"]:  # checked before any cluster starts
         if app.get("import_path") == HARMA_IMPORT_PATH:
             app_args = app["args"]
+            require_checkpoint(app_args["checkpoint_uri"])
             check_index_matches(read_manifest(app_args["index_uri"]), app_args["checkpoint_uri"],
                                 checkpoint_fingerprint(app_args["checkpoint_uri"]))
+            # The replicas read checkpoint and index with this shell's storage settings (an S3
+            # endpoint, credentials): a cluster started earlier, or elsewhere, lacks them. The
+            # temporary file holding them is private (0600) and removed when serving ends.
+            from harma.train.driver import worker_env
+
+            env_vars = app.setdefault("runtime_env", {}).setdefault("env_vars", {})
+            for key, value in worker_env().items():
+                env_vars.setdefault(key, value)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="harma-serve-", delete=False) as tmp:
         yaml.safe_dump(raw, tmp, sort_keys=False)
     import shutil
@@ -282,7 +311,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         top = query["results"][0] if query["results"] else {"id": "-", "score": float("nan")}
         print(f"  {query['text']!r}: top {top['id']} ({top['score']:.3f}), {query['took_ms']:.1f} ms")
     print(f"web page: {served['url']} (up while the demo ran; --serve keeps it up; later: "
-          "harma serve serve_configs/local.yaml)")
+          "harma serve serve_configs/demo.yaml)")
     print(f"report: {args.out}/report (metrics.json, training.png, table.txt)")
     return 0
 
@@ -362,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = sub.add_parser("serve", help="validate a serve config and run it locally (`serve run`)")
     srv.add_argument("file", help="serve_configs/FILE.yaml")
+    srv.add_argument("overrides", nargs="*",
+                     help="dotted.path=value into the file (args.index_uri=..., applications.NAME.deployments.0...)")
     srv.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
     srv.set_defaults(func=cmd_serve)
 

@@ -43,6 +43,9 @@ class RunConfig(_Section):
         "runs", description="Local folder or s3:// prefix; the run writes into output_dir/name."
     )
     seed: int = Field(3407, description="Seeds adapters, data order and augmentation.")
+    track: bool = Field(
+        True, description="Log the run to MLflow: MLFLOW_TRACKING_URI, else <output_dir>/<name>/mlruns "
+        "(harma.tracking).")
 
     @field_validator("name")
     @classmethod
@@ -143,6 +146,18 @@ class DataConfig(_Section):
         description="Ray path: seed shard order, in-shard order, shuffle buffer and augmentation "
         "from run.seed (reproducible runs; an image then gets the same augmentation and in-shard "
         "place every epoch).",
+    )
+    batch_composition: Literal["uniform", "image_grouped"] = Field(
+        "uniform",
+        description="'uniform': batches as uniform sampling of (image, caption) pairs makes them, as "
+        "the paper code does (another caption of a sample's own image is rarely in its batch); "
+        "'image_grouped': an image's captions are emitted together and often share a batch.",
+    )
+    shuffle_buffer_pairs: int = Field(
+        2048, ge=0,
+        description="Ray path: each worker draws its batches at random from this many streamed "
+        "pairs (at least 4 micro-batches), mixing the stream tasks' outputs pair by pair; it "
+        "holds that many decoded pairs (2048 x 224 px: ~300 MB).",
     )
     train_split: str = "train"
     val_split: str = "val"
@@ -338,6 +353,10 @@ class IndexConfig(_Section):
     trace_encoders: bool = Field(
         True, description="Embed with TorchScript graphs of the towers, checked against the eager "
         "model when each actor starts (see harma.serve.traced).")
+    precision: Literal["validated", "fp32", "bf16"] = Field(
+        "validated", description="Weights the corpus is embedded with: the numerics that validated the "
+        "checkpoint (its numerics.json), or explicitly bf16/fp32; an index of other numerics than the "
+        "validated ones records their measured cost (mR, top-10 overlap) in its manifest.")
 
     @field_validator("splits")
     @classmethod

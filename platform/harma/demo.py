@@ -15,7 +15,7 @@
 5. copies the best checkpoint to `<out>/model`, builds the retrieval index of the test images
    with Ray Data (`<out>/index`), starts the Ray Serve application on it, sends a few text
    queries over HTTP, prints their top results and the address of the web page (kept running
-   with `--serve`; `harma serve serve_configs/local.yaml` serves it again later).
+   with `--serve`; `harma serve serve_configs/demo.yaml` serves it again later).
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def serve_demo(checkpoint: str, store: str, out: str, port: int, keep_serving: b
     if keep_serving:
         import time as _time
 
-        log.info("serving until Ctrl-C (harma serve serve_configs/local.yaml serves it again later)")
+        log.info("serving until Ctrl-C (harma serve serve_configs/demo.yaml serves it again later)")
         try:
             while True:
                 _time.sleep(3600)

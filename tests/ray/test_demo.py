@@ -6,18 +6,27 @@ import pytest
 
 from harma.cli import main
 
+# Test mR points the adapted model must gain over the frozen base. With this base (60 coarse-caption
+# images, 20 full pre-training steps) the 6 test images went 63.9 -> 71.7-73.9 (+7.8, +10.0, +10.0)
+# in 3 runs, and +6.1 to +10.0 over 5 seeds of the same adaptation run in one process (fit_local); one
+# test image more at I2T R@1 is 2.8 points. (The former 4-step base of 30 images gave -1.7 and +4.4:
+# its adaptation lowered val mR, 67.2 -> 57-61.) A no-op optimizer gains 0.
+MIN_TEST_MR_GAIN = 3.0
+
 
 def test_demo_end_to_end_small(ray_cluster, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a relative --out, as README's command uses: workers run elsewhere
     out = tmp_path / "demo"
-    assert main(["demo", "--out", "demo", "demo.images=40", "demo.pretrain_images=30",
-                 "demo.pretrain_steps=4", "demo.pretrain_batch_size=16", "train.steps=16",
+    assert main(["demo", "--out", "demo", "demo.images=40", "demo.pretrain_images=60",
+                 "demo.pretrain_steps=20", "demo.pretrain_batch_size=16", "train.steps=16",
                  "train.batch_size=16", "train.log_every=4"]) == 0
     printed = capsys.readouterr().out
     assert "frozen base" in printed and "HarMA-adapted" in printed
     report = json.loads((out / "report" / "metrics.json").read_text())
     assert report["workers"] == 2
-    assert report["test_after"]["mr"] - report["test_before"]["mr"] == pytest.approx(report["mr_gain"])
+    before, after = report["test_before"]["mr"], report["test_after"]["mr"]
+    assert after >= before + MIN_TEST_MR_GAIN, f"test mR {before:.2f} -> {after:.2f}"
+    assert report["mr_gain"] == pytest.approx(after - before)
     val_steps = [r["step"] for r in report["adapt_history"] if "val_mr" in r]
     assert val_steps == [8, 16]  # 28 train images x 5 captions / 16 = 8 steps per epoch
     assert (out / "report" / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -30,4 +39,4 @@ def test_demo_end_to_end_small(ray_cluster, tmp_path, capsys, monkeypatch):
     assert all(len(q["results"]) == 3 and q["results"][0]["id"].startswith("test/") for q in served["queries"])
     assert json.loads((out / "index" / "manifest.json").read_text())["images"] == 6
     assert (out / "model" / "adapter.safetensors").is_file()
-    assert f"web page: {served['url']}" in printed and "harma serve serve_configs/local.yaml" in printed
+    assert f"web page: {served['url']}" in printed and "harma serve serve_configs/demo.yaml" in printed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from collections import Counter
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -83,10 +84,49 @@ def test_a_small_dataset_is_cut_into_a_task_per_part_and_each_task_hands_on_chun
     whole = build_train_dataset(data, 48, 32, cpus=1).materialize()
     assert split.num_blocks() == 16 and whole.num_blocks() == 2
     assert Counter(_epoch(split)) == Counter(_epoch(whole))  # every image, every caption, once
-    # 14 images, handed on every 4: 4 outputs per task, each its own block when blocks are small
+    # 14 images (70 pairs), handed on every 20 pairs: 4 outputs per task, each its own block when blocks are small
     # (at Ray Data's default of 128 MiB a task's outputs were merged into one block, so nothing
     # left the task before its last image was decoded).
-    chunked = build_train_dataset(data, 48, 32, cpus=1, images_per_chunk=4, block_bytes=1 << 16)
+    chunked = build_train_dataset(data, 48, 32, cpus=1, pairs_per_chunk=20, block_bytes=1 << 16)
     blocks = [len(b["image_id"]) for b in chunked.iter_batches(batch_size=None, batch_format="numpy")]
     assert len(blocks) >= 8 and sum(blocks) == sum(Counter(_epoch(whole)).values())
 
+
+
+@pytest.fixture(scope="module")
+def mixing_shards(tmp_path_factory) -> str:
+    """200 generated images (140 train, 5 captions each) in shards of 40."""
+    from harma.data.synth import synthesize
+
+    raw = tmp_path_factory.mktemp("mixing-raw")
+    synthesize(str(raw), images=200, seed=11, image_size=32)
+    out = tmp_path_factory.mktemp("mixing-shards")
+    prepare_dataset(str(raw), str(out), ["train"], shard_images=40)
+    return str(out)
+
+
+def _batch_shares(ds, batch: int, buffer: int, epochs: int) -> list[float]:
+    from harma.data.composition import same_image_share
+
+    return [same_image_share(b["image_id"]) for _ in range(epochs)
+            for b in ds.iter_batches(batch_size=batch, batch_format="numpy", drop_last=True,
+                                     local_shuffle_buffer_size=buffer)]
+
+
+def test_the_stream_batches_match_uniform_sampling_of_pairs(ray_cluster, mixing_shards):
+    from harma.data.composition import uniform_same_image_share
+    from harma.data.prepared import captions_per_image
+
+    counts = captions_per_image(mixing_shards, "train")
+    batch = 16
+    expected = uniform_same_image_share(counts, batch)  # 140 images x 5: 8.3 %
+    uniform = DataConfig(prepared_uri=mixing_shards)
+    grouped = DataConfig(prepared_uri=mixing_shards, batch_composition="image_grouped")
+    # The worker's buffer as harma.train.loop sizes it (data.shuffle_buffer_pairs).
+    shares = _batch_shares(build_train_dataset(uniform, 32, 16), batch, uniform.shuffle_buffer_pairs, 6)
+    before = _batch_shares(build_train_dataset(grouped, 32, 16), batch, 4 * batch, 2)  # the former stream
+    print(f"same-image share: uniform expectation {expected:.3f}, stream {np.mean(shares):.3f}, "
+          f"image-grouped {np.mean(before):.3f}")
+    assert len(shares) == 6 * (sum(counts) // batch)
+    assert abs(np.mean(shares) - expected) <= 0.02
+    assert np.mean(before) > expected + 0.15

@@ -1,4 +1,7 @@
-"""HarMA adapters: parameter counts, exact identity at init, seeding, sharing, padding mask."""
+"""HarMA adapters: parameter counts, exact identity at init, the adapted block by hand, seeding,
+sharing, padding mask."""
+
+from functools import partial
 
 import pytest
 import torch
@@ -117,3 +120,101 @@ def test_train_backbone_makes_everything_but_logit_scale_train(tiny_model_config
     model = build_model(tiny_model_config.model_copy(update={"train_backbone": True}))
     assert not model.clip.logit_scale.requires_grad
     assert model.clip.visual.conv1.weight.requires_grad
+
+
+def _hand_adapted(adapter, h, mini=None, mask=None):
+    """`h + sigmoid(g_blk) * delta(h)` written out from the adapter's parts (module docstring)."""
+    def attend(attn, x):
+        return attn(x, x, x, key_padding_mask=mask, need_weights=False)[0]
+
+    z = torch.nn.functional.gelu(adapter.down(h))
+    r = attend(adapter.attn, z)
+    if mini is not None:
+        u = mini.down(r)
+        s = torch.sigmoid(mini.gate)
+        r = r + mini.up(s * attend(mini.attn, u) + (1 - s) * u)
+    r = attend(adapter.attn, r)
+    g = torch.sigmoid(adapter.gate)
+    return h + torch.sigmoid(adapter.block_gate) * adapter.up(g * z + (1 - g) * r)
+
+
+def _hand_block(block, x, attn_mask, adapt):
+    """An open_clip residual block with `adapt` applied to the MLP output, before the residual add."""
+    x = x + block.ls_1(block.attention(q_x=block.ln_1(x), attn_mask=attn_mask))
+    mlp = block.mlp
+    return x + block.ls_2(adapt(mlp.c_proj(mlp.gelu(mlp.c_fc(block.ln_2(x))))))
+
+
+def _record_blocks(blocks, seen: list):
+    """Hooks that append (input, attn_mask, output) of every block call to `seen`."""
+    def hook(module, args, kwargs, output):
+        seen.append((args[0].detach().clone(), kwargs.get("attn_mask"), output.detach().clone()))
+    return [b.register_forward_hook(hook, with_kwargs=True) for b in blocks]
+
+
+def _non_zero_adapters(model, seed=1):
+    """Non-zero up-projections and distinct gate values, so a swapped gate or a missed term shows."""
+    _perturb_adapters(model, seed)
+    with torch.no_grad():
+        for adapter in (*model.adapters.image, *model.adapters.text):
+            adapter.block_gate.fill_(1.7)
+            adapter.gate.fill_(-0.9)
+        for mini in model.adapters.mini:
+            mini.gate.fill_(0.4)
+
+
+@pytest.mark.parametrize("layout", ["official", "paper"])
+def test_block_output_is_the_hand_computed_adapted_mlp_before_the_residual_add(tiny_model_config, layout):
+    model = build_model(_with(tiny_model_config, layout=layout), seed=2)
+    _non_zero_adapters(model)
+    images = torch.randn(2, 3, 48, 48)
+    tokens = torch.from_numpy(build_tokenizer("harma-tiny")(["two red storage tanks", "a pond near a road"]))
+    mask = tokens.argmax(dim=-1, keepdim=True) < torch.arange(tokens.shape[1])[None, :]  # after EOT
+    towers = (("image", model.clip.visual.transformer.resblocks, lambda: model.encode_image(images), None),
+              ("text", model.clip.transformer.resblocks, lambda: model.encode_text(tokens), mask))
+    for tower, blocks, encode, key_mask in towers:
+        seen: list = []
+        handles = _record_blocks(blocks, seen)
+        with torch.no_grad():
+            encode()
+            for layer, (block, (x, attn_mask, out)) in enumerate(zip(blocks, seen, strict=True)):
+                adapter = getattr(model.adapters, tower)[layer]
+                mini = model.adapters.mini[layer] if tower == "text" or layout == "paper" else None
+                want = _hand_block(block, x, attn_mask, partial(_hand_adapted, adapter, mini=mini, mask=key_mask))
+                torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5, msg=f"{tower} block {layer}")
+                # ...and not what the adapter placed after the residual add would give.
+                after_add = _hand_adapted(adapter, _hand_block(block, x, attn_mask, lambda h: h), mini, key_mask)
+                assert (out - after_add).abs().max() > 1e-3, f"{tower} block {layer}"
+        for handle in handles:
+            handle.remove()
+
+
+def test_changing_one_layers_adapter_changes_only_outputs_downstream_of_it(tiny_model_config):
+    model = build_model(tiny_model_config, seed=2)
+    _non_zero_adapters(model)
+    images = torch.randn(2, 3, 48, 48)
+    tokens = torch.from_numpy(build_tokenizer("harma-tiny")(["two red storage tanks", "a pond near a road"]))
+
+    def block_outputs():
+        seen: list = []
+        handles = [*_record_blocks(model.clip.visual.transformer.resblocks, seen),
+                   *_record_blocks(model.clip.transformer.resblocks, seen)]
+        with torch.no_grad():
+            embeddings = (model.encode_image(images), model.encode_text(tokens))
+        for handle in handles:
+            handle.remove()
+        return [out for _, _, out in seen], embeddings  # image blocks 0..2, then text blocks 0..2
+
+    before, (img0, txt0) = block_outputs()
+    with torch.no_grad():
+        model.adapters.image[1].up.weight.mul_(-2.0)
+    after, (img1, txt1) = block_outputs()
+    changed = [not torch.equal(a, b) for a, b in zip(before, after, strict=True)]
+    assert changed == [False, True, True, False, False, False]  # image block 1 and 2 only
+    assert not torch.equal(img0, img1) and torch.equal(txt0, txt1)
+    with torch.no_grad():
+        model.adapters.text[2].block_gate.fill_(-3.0)
+    last, (img2, txt2) = block_outputs()
+    changed = [not torch.equal(a, b) for a, b in zip(after, last, strict=True)]
+    assert changed == [False, False, False, False, False, True]  # the last text block only
+    assert torch.equal(img1, img2) and not torch.equal(txt1, txt2)

@@ -75,3 +75,43 @@ def test_checkpoint_on_s3(s3_server, trained):
     loaded, _ = load_checkpoint("s3://runs/demo/best")
     for a, b in zip(_embed(model), _embed(loaded), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_bf16_autocast_run_reloads_in_the_fp32_numerics_that_validated_it(tmp_path, trained):
+    """A GPU run with model.backbone.precision bf16: fp32 master weights, bf16 autocast in training,
+    validation in fp32. Its checkpoint's config says bf16; it must reload as the fp32 model."""
+    model, cfg = trained
+    bf16_cfg = cfg.with_overrides({"model.backbone.precision": "bf16"})
+    uri = str(tmp_path / "ckpt")
+    save_checkpoint(uri, model, bf16_cfg, {}, {"master_weights": "fp32", "autocast": "bf16", "validated_in": "fp32"})
+    validated, loaded_cfg = load_checkpoint(uri)
+    assert next(validated.parameters()).dtype == torch.float32
+    assert loaded_cfg.model.backbone.precision == "fp32"
+    for got, want in zip(_embed(validated), _embed(model), strict=True):
+        assert torch.equal(got, want)  # the very model that was validated
+    explicit, explicit_cfg = load_checkpoint(uri, "bf16")  # bf16 weights: only when asked for
+    assert next(explicit.parameters()).dtype == torch.bfloat16 and explicit_cfg.model.backbone.precision == "bf16"
+    tokens = torch.from_numpy(build_tokenizer("harma-tiny")(["three ships on the sea"]))
+    with torch.no_grad():
+        assert not torch.equal(explicit.encode_text(tokens).float(), model.encode_text(tokens))
+    with pytest.raises(ValueError, match="give 'validated', 'fp32' or 'bf16'"):
+        load_checkpoint(uri, "fp16")
+
+
+def test_a_checkpoint_records_its_numerics_and_an_old_one_falls_back_to_its_config(tmp_path, trained):
+    from harma import storage
+    from harma.model.checkpoint import NUMERICS_FILE, copy_checkpoint, read_numerics
+
+    model, cfg = trained
+    uri = str(tmp_path / "ckpt")
+    save_checkpoint(uri, model, cfg, {})  # a plain fp32 model, no autocast
+    assert read_numerics(uri) == {"master_weights": "fp32", "autocast": None, "validated_in": "fp32"}
+    copy_checkpoint(uri, str(tmp_path / "copy"))
+    assert read_numerics(str(tmp_path / "copy")) == read_numerics(uri)
+    old = tmp_path / "old"
+    save_checkpoint(str(old), model.to(torch.bfloat16), cfg.with_overrides({"model.backbone.precision": "bf16"}), {})
+    (old / NUMERICS_FILE).unlink()  # written before numerics.json existed
+    assert read_numerics(str(old))["validated_in"] == "bf16"
+    assert next(load_checkpoint(str(old))[0].parameters()).dtype == torch.bfloat16
+    copy_checkpoint(str(old), str(tmp_path / "old-copy"))
+    assert not storage.exists(str(tmp_path / "old-copy" / NUMERICS_FILE))

@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from harma.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,13 +42,41 @@ def test_data_synth_then_eval_a_checkpoint(tmp_path, capsys, tiny_model_config):
     assert "I2T R@1" in out and "mR" in out
     result = json.loads((tmp_path / "ckpt" / "eval_test.json").read_text())
     assert result["images"] == 3 and result["captions"] == 15
-    assert set(result["metrics"]) == {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mr"}
-    assert 0 <= result["metrics"]["mr"] <= 100
+    assert set(result["metrics"]) == {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mr",
+                                      "protocol"}
+    assert result["metrics"].pop("protocol") == "pessimistic ties"
+    assert result["metrics"] == pytest.approx(_ranked_by_hand(tmp_path / "ckpt", data, "test"), abs=1e-9)
+
+
+def _ranked_by_hand(checkpoint, data_root, split_name) -> dict[str, float]:
+    """R@1/5/10 both ways and mR of a checkpoint on a split, ranked here with argsort."""
+    import numpy as np
+    import torch
+
+    from harma.data.local import eval_arrays, load_split
+    from harma.model.backbone import build_tokenizer
+    from harma.model.checkpoint import load_checkpoint
+
+    model, cfg = load_checkpoint(str(checkpoint))
+    split = load_split(str(data_root), split_name)
+    images, tokens = eval_arrays(split, model.arch.image_size, build_tokenizer(model.arch.name),
+                                 cfg.data.max_words)
+    with torch.no_grad():
+        model.eval()
+        sim = (model.encode_image(torch.from_numpy(images)) @ model.encode_text(torch.from_numpy(tokens)).T).numpy()
+    owner = split.caption_image
+    order_i2t = np.argsort(-sim, axis=1)  # per image: captions, best first
+    i2t = [min(np.flatnonzero(owner[order_i2t[i]] == i)) for i in range(sim.shape[0])]
+    order_t2i = np.argsort(-sim, axis=0)  # per caption: images, best first
+    t2i = [int(np.flatnonzero(order_t2i[:, c] == owner[c])[0]) for c in range(sim.shape[1])]
+    out = {f"{d}_r{k}": 100.0 * np.mean(np.array(r) < k) for d, r in (("i2t", i2t), ("t2i", t2i)) for k in (1, 5, 10)}
+    assert len(np.unique(sim)) == sim.size  # no ties: the ranks above are the only ones
+    return {**out, "mr": sum(out.values()) / 6}
 
 
 def test_eval_of_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(tmp_path / "nope")]) == 2
-    assert "no such file" in capsys.readouterr().err
+    assert f"{tmp_path / 'nope'}: no checkpoint here (missing config.yaml, adapter.safetensors)" in capsys.readouterr().err
 
 
 def test_eval_job_file_scores_prepared_shards_like_the_local_split(tmp_path, capsys, tiny_model_config):

@@ -92,7 +92,7 @@ def test_every_job_file_validates():
         assert first.startswith("#") and "harma " in first, f"{path} must start with its command"
         load_config(path)
         checked += 1
-    assert checked == 11
+    assert checked == 13
 
 
 def test_demo_job_file_equals_builtin_demo_settings():
@@ -131,7 +131,7 @@ def test_every_serve_config_validates_strictly():
         assert first.startswith("#") and "serve" in first, f"{path} must start with its command"
         raw = load_serve_config(path)
         assert raw["applications"][0]["import_path"] == "harma.serve.app:build_app"
-    assert len(files) == 2
+    assert len(files) == 3
 
 
 @pytest.mark.parametrize("mutate, message", [
@@ -161,9 +161,9 @@ def test_resolve_local_paths_makes_harma_args_absolute(tmp_path, monkeypatch):
     raw = yaml.safe_load((REPO / "serve_configs" / "local.yaml").read_text())
     out = resolve_local_paths(raw)
     args = out["applications"][0]["args"]
-    assert args["checkpoint_uri"] == str(tmp_path / "harma-demo" / "model")
-    assert args["index_uri"] == str(tmp_path / "harma-demo" / "index")
-    assert raw["applications"][0]["args"]["index_uri"] == "harma-demo/index"  # input untouched
+    assert args["checkpoint_uri"] == str(tmp_path / "runs" / "synth-adapt" / "best")
+    assert args["index_uri"] == str(tmp_path / "runs" / "index-synth")
+    assert raw["applications"][0]["args"]["index_uri"] == "runs/index-synth"  # input untouched
     gpu = resolve_local_paths(yaml.safe_load((REPO / "serve_configs" / "gpu.yaml").read_text()))
     assert gpu["applications"][0]["args"]["index_uri"].startswith("s3://")
 
@@ -186,3 +186,30 @@ def test_runtime_env_and_job_commands():
     assert job_file_in_working_dir(str(REPO / "jobs" / "smoke_train.yaml"), str(REPO)) == "jobs/smoke_train.yaml"
     with pytest.raises(ValueError, match="must be inside the uploaded working directory"):
         job_file_in_working_dir("/etc/hosts", str(REPO))
+
+
+def test_serve_overrides_reach_the_harma_app_by_shorthand_name_or_position():
+    from harma.serve.configs import load_serve_config
+
+    path = REPO / "serve_configs" / "local.yaml"
+    raw = load_serve_config(path, ["args.index_uri=s3://b/idx", "applications.harma.args.max_top_k=7",
+                                   "applications.0.deployments.Retriever.autoscaling_config.max_replicas=3",
+                                   "http_options.port=9001"])
+    app = raw["applications"][0]
+    assert app["args"]["index_uri"] == "s3://b/idx" and app["args"]["max_top_k"] == 7
+    assert app["deployments"][0]["autoscaling_config"]["max_replicas"] == 3
+    assert raw["http_options"]["port"] == 9001
+    assert load_serve_config(path)["applications"][0]["args"]["index_uri"] == "runs/index-synth"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("args.max_top_kk=3", "max_top_kk"),                     # unknown ServeArgs field
+    ("applications.nope.args.index_uri=x", "no element 'nope'"),
+    ("args.max_top_k=-1", "max_top_k"),                       # ServeArgs' own bound
+    ("applications", "dotted.path=value"),
+])
+def test_bad_serve_overrides_are_refused_naming_the_place(override, message):
+    from harma.serve.configs import ServeConfigError, load_serve_config
+
+    with pytest.raises(ServeConfigError, match=re.escape(message)):
+        load_serve_config(REPO / "serve_configs" / "local.yaml", [override])

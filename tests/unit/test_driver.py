@@ -1,6 +1,7 @@
 """The training driver's checks before any worker starts, and its step plan (no Ray started)."""
 
 import os
+from types import SimpleNamespace
 
 import pytest
 
@@ -67,12 +68,36 @@ def test_a_local_cluster_keeps_four_idle_workers_per_logical_cpu(monkeypatch, pr
     monkeypatch.setattr(os, "environ", dict(os.environ))  # nothing ensure_ray sets outlives the test
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kw: started.update(kw, limit=os.environ.get(driver.WORKER_LIMIT_VAR)))
+    def fake_init(**kw):
+        started.update(kw, limit=os.environ.get(driver.WORKER_LIMIT_VAR))
+        return SimpleNamespace(address_info={})  # what ensure_ray reads of ray.init's context
+
+    monkeypatch.setattr(ray, "init", fake_init)
     monkeypatch.setattr(ingress, "ensure_fast_ingress", lambda: None)
     if preset is None:
         monkeypatch.delenv(driver.WORKER_LIMIT_VAR, raising=False)
     else:
         monkeypatch.setenv(driver.WORKER_LIMIT_VAR, preset)
     driver.ensure_ray(num_cpus=6)
-    assert driver.WORKER_LIMIT_VAR == "RAY_num_workers_soft_limit"  # the name Ray's config reads
+    assert _raylet_reads_env_var(driver.WORKER_LIMIT_VAR)  # else the limit is set and never read
     assert started["num_cpus"] == 6 and started["limit"] == expected
+
+
+def _raylet_reads_env_var(name: str) -> bool:
+    """Whether the raylet executable Ray starts holds `name` as a whole string.
+
+    Ray's C++ config reads each entry `x` from the environment variable `RAY_x`, the name spelt out
+    as a NUL-terminated literal in the binary (src/ray/common/ray_config.h); no Python API lists them.
+    """
+    import mmap
+
+    from ray._private.services import RAYLET_EXECUTABLE
+
+    with open(RAYLET_EXECUTABLE, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as binary:
+        return binary.find(b"\0" + name.encode() + b"\0") >= 0
+
+
+def test_the_raylet_check_tells_a_read_variable_from_a_made_up_one():
+    assert _raylet_reads_env_var("RAY_num_workers_soft_limit")
+    assert not _raylet_reads_env_var("RAY_num_workers_soft_limit_typo")
+    assert not _raylet_reads_env_var("RAY_num_workers_soft_limi")

@@ -49,7 +49,7 @@ def test_weighted_triplet_by_hand():
     expected = (0.1 * w(0.1) + 0.5 * w(0.5)) / 2  # = 0.0391573
     got = weighted_triplet_loss(torch.eye(2), s.T, torch.tensor([0, 1]), margin=0.2, gamma=2.0)
     assert float(got) == pytest.approx(expected, abs=1e-6)
-    assert expected == pytest.approx(0.0391573, abs=1e-6)
+    assert float(got) == pytest.approx(0.0391573, abs=1e-6)  # the number itself, not only the formula
     mean = weighted_triplet_loss(torch.eye(2), s.T, torch.tensor([0, 1]), reduction="mean")
     assert float(mean) == pytest.approx(expected / 2, abs=1e-6)  # 2 off-diagonal pairs
 
@@ -69,17 +69,30 @@ def test_uniformity_by_hand():
     assert float(uniformity_loss(e, t=2.0)) == pytest.approx(expected, abs=1e-6)
 
 
-def test_harma_loss_weights_combine():
+def test_harma_loss_is_the_weighted_sum_of_independently_computed_parts():
     torch.manual_seed(0)
     img = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
     txt = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
-    ids = torch.tensor([0, 0, 1, 2, 3, 4])
+    ids = torch.tensor([0, 0, 1, 2, 3, 4])  # pairs 0 and 1 share an image
     temp = torch.tensor([0.07])
-    cfg = LossConfig(contrastive_weight=0.5, triplet_weight=2.0, uniformity_weight=0.25)
+    # Non-default weights and triplet settings: a wrong weight or a setting not passed on shows.
+    cfg = LossConfig(contrastive_weight=0.5, triplet_weight=2.0, uniformity_weight=0.25, triplet_margin=0.3,
+                     triplet_gamma=1.5, triplet_same_image="positive", triplet_reduction="mean", uniformity_t=3.0)
+    contrastive = float(contrastive_loss(img, txt, ids, temp))
+    triplet = float(weighted_triplet_loss(img, txt, ids, margin=0.3, gamma=1.5, same_image="positive",
+                                          reduction="mean"))
+    # Uniformity: each image once (its first pair), every caption, averaged over the two modalities.
+    uniformity = (float(uniformity_loss(img[[0, 2, 3, 4, 5]], t=3.0)) + float(uniformity_loss(txt, t=3.0))) / 2
+    assert min(abs(contrastive), abs(triplet), abs(uniformity)) > 1e-3  # every part counts
     out = harma_loss(img, txt, ids, temp, cfg)
-    expected = 0.5 * out["contrastive"] + 2.0 * out["triplet"] + 0.25 * out["uniformity"]
-    assert float(out["loss"]) == pytest.approx(float(expected), rel=1e-6)
-    assert float(out["contrastive"]) == pytest.approx(float(contrastive_loss(img, txt, ids, temp)))
+    assert float(out["contrastive"]) == pytest.approx(contrastive, rel=1e-6)
+    assert float(out["triplet"]) == pytest.approx(triplet, rel=1e-6)
+    assert float(out["uniformity"]) == pytest.approx(uniformity, rel=1e-6)
+    assert float(out["loss"]) == pytest.approx(0.5 * contrastive + 2.0 * triplet + 0.25 * uniformity, rel=1e-6)
+    # A zero weight drops its part: not computed, not added.
+    without = harma_loss(img, txt, ids, temp, cfg.model_copy(update={"uniformity_weight": 0.0}))
+    assert float(without["uniformity"]) == 0.0
+    assert float(without["loss"]) == pytest.approx(0.5 * contrastive + 2.0 * triplet, rel=1e-6)
     with pytest.raises(ValueError, match="at least one loss weight"):
         LossConfig(contrastive_weight=0, triplet_weight=0)
 

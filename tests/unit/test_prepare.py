@@ -2,14 +2,12 @@
 
 import json
 import shutil
-from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from harma.cli import main
-from harma.data.datasets import pairs_from_images, shuffle_rows
+from harma.data.datasets import shuffle_rows
 from harma.data.prepare import prepare_dataset
 from harma.data.prepared import count_captions, load_prepared_split
 from harma.data.schema import PARQUET_SCHEMA
@@ -58,22 +56,6 @@ def test_prepare_to_s3(s3_server, synth_root):
     assert report["splits"]["test"]["images"] == 6
     split = load_prepared_split("s3://datasets/synth", "test")
     assert len(split.images) == 6
-
-
-def test_pairs_from_images_expands_captions_and_flags_bad_rows(synth_root):
-    png = (Path(synth_root) / "images" / "test" / "test_00000.png").read_bytes()
-    batch = {
-        "image": np.array([png, b"garbage"], dtype=object),
-        "image_key": np.array(["a.png", "b.png"], dtype=object),
-        "image_id": np.array([7, 8]),
-        "captions": np.array([np.array(["one red ship", "a ship"]), np.array(["x"])], dtype=object),
-    }
-    out = pairs_from_images(batch, 32, 48, {"enabled": True}, 30)
-    assert out["pixels"].shape == (3, 3, 48, 48) and out["pixels"].dtype == np.uint8
-    assert out["tokens"].shape == (3, 32)
-    assert out["image_id"].tolist() == [7, 7, -1]
-    assert out["bad_key"].tolist() == ["", "", "b.png"]
-    assert not np.array_equal(out["pixels"][0], out["pixels"][1])  # own augmentation per pair
 
 
 def test_shuffle_rows_reorders_a_block_keeping_every_row():

@@ -1,5 +1,5 @@
 """The training stream's tasks without Ray: how an epoch is cut into tasks, what one task reads and
-how it hands its rows on (harma.data.datasets: plan_units, read_unit, stream_units)."""
+how it hands its rows on (harma.data.datasets: plan_units, read_unit, stream_units, image_chunks)."""
 
 import numpy as np
 import pyarrow as pa
@@ -7,7 +7,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from harma.data.datasets import MAX_PARTS_PER_SHARD, plan_units, read_unit, stream_units
+from harma.data.datasets import (
+    MAX_PARTS_PER_SHARD,
+    image_chunks,
+    plan_units,
+    read_unit,
+    stream_units,
+)
 from harma.data.schema import PARQUET_SCHEMA
 
 
@@ -60,7 +66,8 @@ def test_a_task_hands_on_its_rows_every_chunk_of_images(shard):
                 "tag": np.full(len(batch["image_id"]), tag)}
 
     units = {"path": np.array([shard, shard]), "part": np.array([0, 1]), "parts": np.array([2, 2])}
-    outputs = list(stream_units(units, pafs.LocalFileSystem(), transform, {"tag": 5}, images_per_chunk=8))
+    outputs = list(stream_units(units, pafs.LocalFileSystem(), image_chunks,
+                                {"transform": transform, "transform_kwargs": {"tag": 5}, "images_per_chunk": 8}))
     # 20 images per part: chunks of 8, 8, 4, for each of the two units
     assert [len(o["image_id"]) for o in outputs] == [8, 8, 4, 8, 8, 4]
     ids = np.concatenate([o["image_id"] for o in outputs]).tolist()

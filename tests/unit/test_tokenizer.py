@@ -69,7 +69,7 @@ def test_byte_symbols_are_printable_and_distinct():
 
 
 def test_a_stream_task_tokenises_without_importing_torch():
-    code = ("import sys; from harma.data.datasets import pairs_from_images, _tokenizer; "
+    code = ("import sys; from harma.data.datasets import emit_pairs, _tokenizer; "
             "print(_tokenizer(77)(['two ships']).shape, 'torch' in sys.modules, 'open_clip' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["(1,", "77)", "False", "False"]

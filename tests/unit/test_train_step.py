@@ -48,7 +48,10 @@ def test_train_step_lowers_the_loss_and_touches_only_trainable_weights(tiny_mode
     after = model.clip.state_dict()
     assert all(torch.equal(backbone_before[k], after[k]) for k in after)
     metrics = train_step(engine, batch, LossConfig())
-    assert set(metrics) == {"loss", "contrastive", "triplet", "uniformity", "lr", "temperature"}
+    assert set(metrics) == {"loss", "contrastive", "triplet", "uniformity", "lr", "temperature", "same_image_share"}
+    assert metrics["same_image_share"] == 0.0  # 8 distinct images
+    shared = {**batch, "image_id": torch.tensor([0, 0, 2, 3, 4, 4, 4, 7])}
+    assert train_step(engine, shared, LossConfig())["same_image_share"] == 5 / 8
 
 
 def test_non_finite_loss_stops_with_a_clear_message(tiny_model_config):

@@ -6,12 +6,23 @@
 Reading, decoding, augmentation and tokenisation run together in one Ray Data task per shard (or
 per part of a shard when a small dataset has fewer shards than the cluster has CPUs to keep busy),
 with a fractional CPU request (so they never starve next to the Train workers on a small machine);
-a task hands its output on every `IMAGES_PER_CHUNK` images, and nothing is copied to local disk.
-Each image row becomes one row per caption, each with its own augmentation draw. Every pass (every
-epoch re-executes the pipeline) reshuffles twice without an all-to-all step: the order of the
-tasks, and the order of the images inside each task's rows (`shuffle_rows`); the workers add a
-local shuffle buffer. Without the second, an image met the same few dozen neighbours, hence the
-same in-batch negatives, in every epoch. An undecodable image becomes one row with
+a task hands its output on every `PAIRS_PER_CHUNK` pairs, and nothing is copied to local disk.
+
+Batches as the paper code makes them: it samples (image, caption) pairs uniformly, so the captions
+of one image rarely meet in a batch (RSITMD, batch 428: 9.6 % of samples; see
+`harma.data.composition`). A task therefore emits its images' (image, caption) pairs in a uniformly
+random order over its whole part (`pair_order`), each pair with its own augmentation draw, decoding
+each image once when its first pair comes and dropping it after its last; the tasks of an epoch run
+side by side, so a batch mixes pairs from all of them. Emitting an image's captions one after the
+other (the former stream, `data.batch_composition: image_grouped`) put ~40 % of samples in a batch
+with a sibling. The share every epoch's batches had is in the run's history. How near uniform the
+stream comes depends on how much of the split is in flight at once: when the split has more parts
+than the cluster runs tasks at a time, an epoch runs in waves and siblings meet more often than
+uniform sampling would have them (by about parts / concurrent tasks; the history shows it).
+
+Every pass (every epoch re-executes the pipeline) reshuffles without an all-to-all step: the order
+of the tasks, and the order of the images and pairs inside each task (`shuffle_rows`,
+`pair_order`); the workers add a local shuffle buffer. An undecodable image becomes one row with
 `image_id == -1` and its key in `bad_key`, which the worker counts, names in the run report and
 drops.
 """
@@ -21,23 +32,29 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Iterator
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from PIL import Image
 from ray.data import RandomSeedConfig
 
 import ray
 from harma import storage
 from harma.config import AugmentConfig, DataConfig
+from harma.data.composition import pair_order
 from harma.data.prepared import split_files
 from harma.data.tokenizer import ClipTokenizer
 from harma.data.transforms import augment_image, decode_image, to_uint8, tokenize
 
 STREAM_CPUS = 0.5  # CPU request of a stream task (read, decode, augment, tokenise)
-IMAGES_PER_CHUNK = 16  # images decoded between two outputs of a stream task
+IMAGES_PER_CHUNK = 16  # images decoded between two outputs of a stream task (image streams)
+PAIRS_PER_CHUNK = 80  # (image, caption) pairs between two outputs of a training stream task
+# A task keeps an image decoded from its first pair to its last; past this many bytes of decoded
+# images it forgets the oldest and decodes them again when their next pair comes.
+DECODED_BYTES = 256 << 20
 # A task's outputs are cut into blocks of about this size as it goes, so the first batch waits for
 # one chunk, not a whole shard (Ray Data's default, 128 MiB, made a shard of a small dataset one
 # block: ~2 s of decoding on one core before anything moved).
@@ -72,37 +89,84 @@ def shuffle_rows(block: pa.Table, seed: int | None = None) -> pa.Table:
     return block.take(pa.array(rng.permutation(block.num_rows)))
 
 
-def pairs_from_images(
-    batch: dict[str, np.ndarray], context_length: int, size: int, augment: dict, max_words: int,
-    seed: int | None = None,
-) -> dict[str, np.ndarray]:
-    """Map function: image rows -> one augmented (pixels, tokens, image_id) row per caption.
+def augmented_pixels(img: Image.Image, rng: random.Random, size: int, augment: AugmentConfig) -> np.ndarray:
+    """A training pair's pixels: its own augmentation draw, uint8 (3, size, size).
 
-    Pixels stay uint8 (3, size, size), 4x smaller than float32 between processes; the worker
-    normalises them on its device (`transforms.normalize_pixels`).
+    uint8 is 4x smaller than float32 between processes; the worker normalises on its device
+    (`transforms.normalize_pixels`).
     """
-    cfg = AugmentConfig.model_validate(augment)
-    # Fresh randomness unless seeded; seeded draws depend only on the seed and the images.
-    rng = random.Random(None if seed is None else f"{seed}-{','.join(map(str, batch['image_id']))}")
-    pixels, captions, ids, bad = [], [], [], []
-    for data, key, image_id, caps in zip(batch["image"], batch["image_key"], batch["image_id"],
-                                         batch["captions"], strict=True):
-        try:
-            img = decode_image(bytes(data))
-        except (OSError, ValueError):
-            pixels.append(np.zeros((3, size, size), np.uint8))
-            captions.append("")
-            ids.append(-1)
-            bad.append(str(key))
+    return to_uint8(augment_image(img, size, augment, rng))
+
+
+class _DecodedImages:
+    """A task's decoded images, each kept from its first pair to its last, at most `limit` bytes
+    (past it the oldest is forgotten and decoded again at its next pair)."""
+
+    def __init__(self, images: pa.ChunkedArray, limit: int):
+        self.images, self.limit, self.held = images, limit, 0
+        self.kept: dict[int, Image.Image] = {}
+
+    def get(self, row: int) -> Image.Image:  # raises OSError / ValueError if it does not decode
+        if row not in self.kept:
+            img = decode_image(self.images[row].as_py())
+            self.kept[row] = img
+            self.held += _nbytes(img)
+            while self.held > self.limit and len(self.kept) > 1:
+                self.forget(next(iter(self.kept)))
+        return self.kept[row]
+
+    def forget(self, row: int) -> None:
+        img = self.kept.pop(row, None)
+        self.held -= _nbytes(img) if img is not None else 0
+
+
+def _nbytes(img: Image.Image) -> int:
+    return img.width * img.height * len(img.getbands())
+
+
+def emit_pairs(
+    rows: pa.Table, rng: random.Random, pixels: Callable[[Image.Image, random.Random], np.ndarray],
+    context_length: int, max_words: int, grouped: bool = False, pairs_per_chunk: int = PAIRS_PER_CHUNK,
+    decoded_bytes: int = DECODED_BYTES,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Unit function of the training stream: a task's image rows -> (pixels, tokens, image_id,
+    bad_key) of their (image, caption) pairs, in `pair_order` (uniformly random unless `grouped`),
+    `pairs_per_chunk` at a time.
+
+    `pixels(img, rng)` makes one pair's uint8 (3, size, size) pixels. An undecodable image gives one
+    row with image_id -1, zero pixels and its key in bad_key (at its first pair; its other pairs
+    are skipped).
+    """
+    captions = rows.column("captions").to_pylist()
+    keys, ids = rows.column("image_key").to_pylist(), rows.column("image_id").to_pylist()
+    left = [len(c) for c in captions]
+    decoded, bad = _DecodedImages(rows.column("image"), decoded_bytes), set()
+    chunk: list[tuple[np.ndarray | None, str, int, str]] = []
+    for row, c in pair_order(left, rng, grouped):
+        left[row] -= 1
+        if row in bad:
             continue
-        for caption in list(caps):
-            pixels.append(to_uint8(augment_image(img, size, cfg, rng)))
-            captions.append(str(caption))
-            ids.append(int(image_id))
-            bad.append("")
-    tokens = tokenize(captions, _tokenizer(context_length), max_words)
-    return {"pixels": np.stack(pixels), "tokens": tokens, "image_id": np.array(ids, np.int64),
-            "bad_key": np.array(bad, dtype=object)}
+        try:
+            chunk.append((pixels(decoded.get(row), rng), str(captions[row][c]), int(ids[row]), ""))
+        except (OSError, ValueError):
+            bad.add(row)
+            chunk.append((None, "", -1, str(keys[row])))
+        if left[row] == 0:
+            decoded.forget(row)
+        if len(chunk) == pairs_per_chunk:
+            yield _pair_columns(chunk, context_length, max_words)
+            chunk = []
+    if chunk:
+        yield _pair_columns(chunk, context_length, max_words)
+
+
+def _pair_columns(chunk: list[tuple[np.ndarray | None, str, int, str]], context_length: int,
+                  max_words: int) -> dict[str, np.ndarray]:
+    shape = next((p.shape for p, *_ in chunk if p is not None), (3, 1, 1))  # bad rows are dropped
+    pixels = np.stack([p if p is not None else np.zeros(shape, np.uint8) for p, *_ in chunk])
+    return {"pixels": pixels, "tokens": tokenize([c for _, c, _, _ in chunk], _tokenizer(context_length), max_words),
+            "image_id": np.array([i for *_, i, _ in chunk], np.int64),
+            "bad_key": np.array([b for *_, b in chunk], dtype=object)}
 
 
 def plan_units(paths: list[str], cpus: float) -> list[dict]:
@@ -125,26 +189,40 @@ def read_unit(path: str, part: int, parts: int, filesystem: pafs.FileSystem, see
     return shuffle_rows(table.slice(lo, hi - lo), seed)
 
 
-def stream_units(
-    batch: dict[str, np.ndarray], filesystem: pafs.FileSystem, transform: Callable[..., dict],
-    transform_kwargs: dict, seed: int | None = None, images_per_chunk: int = IMAGES_PER_CHUNK,
+def image_chunks(
+    rows: pa.Table, rng: random.Random, transform: Callable[..., dict], transform_kwargs: dict | None = None,
+    images_per_chunk: int = IMAGES_PER_CHUNK,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Map function: planned units (`plan_units`) -> `transform` of their image rows, one output per
-    `images_per_chunk` images, so the rows leave the task while it decodes the rest."""
+    """Unit function for per-image work: `transform` (image rows as numpy columns -> output
+    columns) of every `images_per_chunk` rows of a task, so they leave it while it works on the rest."""
+    for start in range(0, rows.num_rows, images_per_chunk):
+        chunk = rows.slice(start, images_per_chunk)
+        yield transform({c: chunk.column(c).to_numpy(zero_copy_only=False) for c in STREAM_COLUMNS},
+                        **(transform_kwargs or {}))
+
+
+def stream_units(
+    batch: dict[str, np.ndarray], filesystem: pafs.FileSystem, unit_fn: Callable[..., Iterator[dict]],
+    unit_kwargs: dict, seed: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Map function: planned units (`plan_units`) -> `unit_fn(rows, rng, **unit_kwargs)` of each
+    unit's image rows (`read_unit`), whose outputs leave the task one by one.
+
+    `rng` is fresh every call unless seeded; a seeded one depends on the seed, the unit's part
+    and its first image id only.
+    """
     for path, part, parts in zip(batch["path"], batch["part"], batch["parts"], strict=True):
         rows = read_unit(str(path), int(part), int(parts), filesystem, seed)
-        for start in range(0, rows.num_rows, images_per_chunk):
-            chunk = rows.slice(start, images_per_chunk)
-            yield transform({c: chunk.column(c).to_numpy(zero_copy_only=False) for c in STREAM_COLUMNS},
-                            **transform_kwargs)
+        first = rows.column("image_id")[0].as_py() if rows.num_rows else -1
+        rng = random.Random(None if seed is None else f"{seed}-{int(part)}-{first}")
+        yield from unit_fn(rows, rng, **unit_kwargs)
 
 
 def image_stream(
-    files: list[str], transform: Callable[..., dict], transform_kwargs: dict | None = None,
+    files: list[str], unit_fn: Callable[..., Iterator[dict]], unit_kwargs: dict | None = None,
     seed: int | None = None, cpus: float | None = None, block_bytes: int = BLOCK_BYTES,
-    images_per_chunk: int = IMAGES_PER_CHUNK,
 ) -> ray.data.Dataset:
-    """`transform` (image rows as numpy columns -> output columns) over every image of prepared
+    """`unit_fn` (`emit_pairs`, `image_chunks`: a task's image rows -> its outputs) over the prepared
     shards `files` (URIs), in one stream task per planned unit (`plan_units`, for `cpus` logical
     CPUs: the cluster's by default) with `STREAM_CPUS` each; units in a new order every execution."""
     # The driver's filesystem (endpoint and credentials) goes to the tasks with them.
@@ -160,19 +238,26 @@ def image_stream(
     ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
     return ds.map_batches(
         stream_units,
-        fn_kwargs={"filesystem": fs, "transform": transform, "transform_kwargs": transform_kwargs or {},
-                   "seed": seed, "images_per_chunk": images_per_chunk},
+        fn_kwargs={"filesystem": fs, "unit_fn": unit_fn, "unit_kwargs": unit_kwargs or {}, "seed": seed},
         batch_size=1, batch_format="numpy", num_cpus=STREAM_CPUS,
     )
+
+
+def train_pair_options(data: DataConfig, image_size: int, context_length: int,
+                       pairs_per_chunk: int = PAIRS_PER_CHUNK) -> dict:
+    """`emit_pairs`'s keyword arguments for a training stream of `data`."""
+    return {"pixels": partial(augmented_pixels, size=image_size, augment=data.augment),
+            "context_length": context_length, "max_words": data.max_words,
+            "grouped": data.batch_composition == "image_grouped", "pairs_per_chunk": pairs_per_chunk}
 
 
 def build_train_dataset(
     data: DataConfig, image_size: int, context_length: int, seed: int = 0, **stream_options,
 ) -> ray.data.Dataset:
     """The training stream of `data.prepared_uri`'s train split (seeded if `data.deterministic`):
-    `image_stream` of `pairs_from_images` on every core (`stream_options`: its keyword arguments)."""
+    `image_stream` of `emit_pairs` on every core. `stream_options`: `image_stream`'s keyword
+    arguments and `pairs_per_chunk`."""
     fixed = seed if data.deterministic else None
-    kwargs = {"context_length": context_length, "size": image_size, "augment": data.augment.model_dump(),
-              "max_words": data.max_words, "seed": fixed}
-    return image_stream(split_files(data.prepared_uri, data.train_split), pairs_from_images, kwargs, fixed,
-                        **stream_options)
+    chunk = stream_options.pop("pairs_per_chunk", PAIRS_PER_CHUNK)
+    return image_stream(split_files(data.prepared_uri, data.train_split), emit_pairs,
+                        train_pair_options(data, image_size, context_length, chunk), fixed, **stream_options)

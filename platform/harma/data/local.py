@@ -34,6 +34,8 @@ class Split:
     captions: list[str]
     caption_image: np.ndarray  # (C,) index into images
     image_ids: np.ndarray  # (N,) dataset image ids
+    labels: list[str | None] | None = None  # (N,) annotation label_name (scene class), if any
+    image_keys: list[str] | None = None  # (N,) image paths under the dataset's image folder
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -56,7 +58,8 @@ def load_split(root: str, split: str) -> Split:
         listing = "\n  ".join(bad[:20]) + (f"\n  ... ({len(bad)} in all)" if len(bad) > 20 else "")
         raise MissingImageError(f"{len(bad)} image(s) of split {split!r} under {root} unusable:\n  {listing}")
     ids = np.array([e.image_id for e in entries], dtype=np.int64)
-    return Split(split, images, captions, np.array(caption_image, dtype=np.int64), ids)
+    return Split(split, images, captions, np.array(caption_image, dtype=np.int64), ids,
+                 [e.label_name for e in entries], [e.image for e in entries])
 
 
 def eval_arrays(split: Split, size: int, tokenizer, max_words: int) -> tuple[np.ndarray, np.ndarray]:
@@ -73,19 +76,28 @@ def train_batches(
     augment: AugmentConfig,
     batch_size: int,
     seed: int,
+    grouped: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Endless shuffled batches of (augmented image, caption, image id), reshuffled every epoch.
 
-    Every caption is one sample (each image appears once per caption per epoch); incomplete
-    final batches are dropped, so every step sees `batch_size` pairs.
+    Every caption is one sample (each image appears once per caption per epoch); the pairs are in a
+    uniformly random order, as the paper code samples them (`grouped`: images in a random order,
+    each image's captions together, as `data.batch_composition: image_grouped`); incomplete final
+    batches are dropped, so every step sees `batch_size` pairs.
     """
     if len(split) < batch_size:
         raise ValueError(f"split {split.name!r} has {len(split)} captions, fewer than batch_size {batch_size}")
     rng = random.Random(seed)
     tokens = tokenize(split.captions, tokenizer, max_words)
+    by_image = [np.flatnonzero(split.caption_image == i).tolist() for i in range(len(split.images))]
     while True:
-        order = list(range(len(split)))
-        rng.shuffle(order)
+        if grouped:
+            images = list(range(len(by_image)))
+            rng.shuffle(images)
+            order = [row for i in images for row in by_image[i]]
+        else:
+            order = list(range(len(split)))
+            rng.shuffle(order)
         for start in range(0, len(order) - batch_size + 1, batch_size):
             rows = order[start : start + batch_size]
             image_index = split.caption_image[rows]

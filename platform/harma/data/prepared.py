@@ -27,13 +27,18 @@ def read_report(prepared_uri: str) -> dict:
     return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else {}
 
 
-def count_captions(prepared_uri: str, split: str) -> int:
-    """Training pairs of a split (one per caption), from the shards' captions column."""
-    total = 0
+def captions_per_image(prepared_uri: str, split: str) -> list[int]:
+    """Each image's caption count, from the shards' captions column (no image bytes read)."""
+    counts: list[int] = []
     for uri in split_files(prepared_uri, split):
         table = storage.read_table(uri, columns=["captions"])
-        total += sum(len(c) for c in table.column("captions").to_pylist())
-    return total
+        counts.extend(len(c) for c in table.column("captions").to_pylist())
+    return counts
+
+
+def count_captions(prepared_uri: str, split: str) -> int:
+    """Training pairs of a split (one per caption)."""
+    return sum(captions_per_image(prepared_uri, split))
 
 
 def load_prepared_split(prepared_uri: str, split: str) -> Split:
@@ -43,6 +48,7 @@ def load_prepared_split(prepared_uri: str, split: str) -> Split:
     from harma.data.local import Split
 
     images, captions, caption_image, ids, bad = [], [], [], [], []
+    labels, keys = [], []  # shards written before the label column existed read as unlabelled
     for uri in split_files(prepared_uri, split):
         table = storage.read_table(uri)
         for row in table.to_pylist():
@@ -52,9 +58,11 @@ def load_prepared_split(prepared_uri: str, split: str) -> Split:
                 bad.append(row["image_key"])
                 continue
             ids.append(row["image_id"])
+            labels.append(row.get("label"))
+            keys.append(row["image_key"])
             captions.extend(row["captions"])
             caption_image.extend([len(images) - 1] * len(row["captions"]))
     if bad:
         raise ValueError(f"{len(bad)} undecodable image(s) in {split}: {', '.join(bad[:10])}")
     return Split(split, images, captions, np.array(caption_image, dtype=np.int64),
-                 np.array(ids, dtype=np.int64))
+                 np.array(ids, dtype=np.int64), labels, keys)

@@ -56,6 +56,9 @@ class ServeArgs(BaseModel):
         True, description="Run the text and image towers as TorchScript graphs, checked against the "
         "eager model at start-up (eager if they differ): no Python per layer, and the GIL stays free "
         "for the HTTP work while a batch runs.")
+    precision: Literal["validated", "fp32", "bf16"] = Field(
+        "validated", description="Weights the queries are embedded with: the numerics that validated "
+        "the checkpoint, or explicitly bf16/fp32 (match the index's, shown by /v1/info).")
     batch_wait_timeout_s: float = Field(
         0.0, ge=0, description="How long an idle replica holds a first query for company (batches "
         "fill anyway while a forward pass runs: the queries arriving meanwhile form the next one).")

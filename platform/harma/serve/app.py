@@ -188,7 +188,7 @@ class Retriever:
         # ModelThread: a second OpenMP team slowed ViT-B-32 queries on CPU by ~40%).
         self._model_thread = ModelThread()
         self.encoder = self._model_thread.call(QueryEncoder, self.args.checkpoint_uri, self.args.device,
-                                               self.args.trace_encoders)
+                                               self.args.trace_encoders, self.args.precision)
         self.fingerprint = checkpoint_fingerprint(self.args.checkpoint_uri)
         self._api_key = os.environ.get(self.args.api_key_env, "").encode()
         self.state = self._load(self.args.index_uri)
@@ -321,9 +321,11 @@ class Retriever:
             "checkpoint_fingerprint": self.fingerprint["fingerprint"],
             "arch": self.encoder.arch, "embed_dim": self.encoder.embed_dim,
             "device": str(self.encoder.device), "towers": self.encoder.towers,
+            "precision": self.encoder.precision,
             "index_uri": self.state.uri,
             "index": {"images": self.state.index.size, "captions": self.state.index.caption_count,
-                      "built_at": manifest.get("built_at"), "corpus_uri": manifest.get("corpus_uri")},
+                      "built_at": manifest.get("built_at"), "corpus_uri": manifest.get("corpus_uri"),
+                      "precision": manifest.get("precision")},
             "limits": self.limits.model_dump(),
             "batching": {"max_batch_size": self.args.max_batch_size,
                          "batch_wait_timeout_s": self.args.batch_wait_timeout_s,

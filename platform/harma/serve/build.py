@@ -47,11 +47,12 @@ def _thumbnail(img, size: int) -> bytes:
 class ImageEmbedder:
     """Ray Data actor: image rows -> embeddings (+ thumbnails); undecodable rows flagged."""
 
-    def __init__(self, checkpoint_uri: str, device: str, thumbnail_size: int, trace: bool = True):
+    def __init__(self, checkpoint_uri: str, device: str, thumbnail_size: int, trace: bool = True,
+                 precision: str = "validated"):
         from harma.serve.encoder import ModelThread, QueryEncoder
 
         self.model_thread = ModelThread()  # __call__ runs on another thread than __init__
-        self.encoder = self.model_thread.call(QueryEncoder, checkpoint_uri, device, trace)
+        self.encoder = self.model_thread.call(QueryEncoder, checkpoint_uri, device, trace, precision)
         self.thumbnail_size = thumbnail_size
         self.actor_id = ray.get_runtime_context().get_actor_id()  # the build reports how many embedded
 
@@ -85,11 +86,11 @@ class ImageEmbedder:
 class TextEmbedder:
     """Ray Data actor: caption rows -> embeddings."""
 
-    def __init__(self, checkpoint_uri: str, device: str, trace: bool = True):
+    def __init__(self, checkpoint_uri: str, device: str, trace: bool = True, precision: str = "validated"):
         from harma.serve.encoder import ModelThread, QueryEncoder
 
         self.model_thread = ModelThread()
-        self.encoder = self.model_thread.call(QueryEncoder, checkpoint_uri, device, trace)
+        self.encoder = self.model_thread.call(QueryEncoder, checkpoint_uri, device, trace, precision)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         emb = self.model_thread.call(self._embed_texts, [str(c) for c in batch["caption"]])
@@ -178,6 +179,63 @@ def _batches_of_whole_pool(ds: ray.data.Dataset, cfg: IndexConfig) -> Iterator[d
             f"or index.cpus_per_actor, or add nodes") from err
 
 
+PRECISION_SAMPLE_IMAGES = 2000  # images (with their captions) the bf16 cost is measured on
+
+
+def precision_record(cfg: IndexConfig, image_emb: np.ndarray, caption_emb: np.ndarray | None,
+                     captions: dict | None, meta: dict, progress=log.info) -> dict[str, Any]:
+    """The index's numerics, and for an index of bf16 weights what they cost against the numerics
+    that validated the checkpoint: mR of each on the indexed images and captions (up to
+    `PRECISION_SAMPLE_IMAGES` images, re-embedded on this process's CPU with the validated model)
+    and the mean share of each caption's top-10 images (top_k: fewer in a smaller index) both find."""
+    from harma.model.checkpoint import read_numerics
+
+    validated = read_numerics(cfg.checkpoint_uri)["validated_in"]
+    weights = validated if cfg.precision == "validated" else cfg.precision
+    record: dict[str, Any] = {"weights": weights, "validated_in": validated, "cost": None}
+    if weights == validated or caption_emb is None or not len(caption_emb):
+        return record
+    from harma.eval import retrieval_metrics
+    from harma.serve.encoder import QueryEncoder
+
+    n = min(len(image_emb), PRECISION_SAMPLE_IMAGES)
+    rows = np.array(captions["image_row"])
+    take = np.flatnonzero(rows < n)
+    progress(f"  measuring {weights} against {validated} on {n} images, {len(take)} captions")
+    reference = QueryEncoder(cfg.checkpoint_uri, "cpu", trace=False, precision=validated)
+    ref_images = _embed_index_images(reference, cfg, meta["id"][:n])
+    ref_texts = reference.encode_texts([captions["caption"][i] for i in take]).cpu().numpy()
+    low_sim = image_emb[:n] @ caption_emb[take].T
+    ref_sim = ref_images @ ref_texts.T
+    k = min(10, n)
+    top_low = np.argsort(-low_sim.T, axis=1, kind="stable")[:, :k]
+    top_ref = np.argsort(-ref_sim.T, axis=1, kind="stable")[:, :k]
+    overlap = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(top_low, top_ref, strict=True)]))
+    mr_low = retrieval_metrics(low_sim, rows[take])["mr"]
+    mr_ref = retrieval_metrics(ref_sim, rows[take])["mr"]
+    record["cost"] = {"images": int(n), "captions": int(len(take)), f"mr_{validated}": mr_ref,
+                      f"mr_{weights}": mr_low, "mr_difference": mr_low - mr_ref, "top_k": k, "top_k_overlap": overlap}
+    progress(f"  {weights} weights: mR {mr_low:.2f} against {mr_ref:.2f} in {validated}; top-{k} overlap "
+             f"{overlap:.3f}")
+    return record
+
+
+def _embed_index_images(encoder, cfg: IndexConfig, ids: list[str]) -> np.ndarray:
+    """The indexed images `ids` (prepared corpus image keys) embedded by `encoder`, in that order."""
+    from harma.data.transforms import decode_image, eval_uint8
+
+    want = {k: i for i, k in enumerate(ids)}
+    pixels: list = [None] * len(ids)
+    for uri in _prepared_files(cfg):
+        table = storage.read_table(uri, columns=["image_key", "image"])
+        for key, data in zip(table.column("image_key").to_pylist(), table.column("image").to_pylist(),
+                             strict=True):
+            if key in want:
+                pixels[want[key]] = eval_uint8(decode_image(data), encoder.image_size)
+    return np.concatenate([encoder.encode_pixels(np.stack(pixels[i:i + 64])).cpu().numpy()
+                           for i in range(0, len(pixels), 64)])
+
+
 def build_index(cfg: IndexConfig, progress=log.info) -> dict[str, Any]:
     """Embed the corpus, write the index to `cfg.output_uri`; returns the manifest."""
     t0 = time.perf_counter()
@@ -199,7 +257,8 @@ def build_index(cfg: IndexConfig, progress=log.info) -> dict[str, Any]:
     progress(f"embedding {total} images from {cfg.corpus_uri} with {cfg.checkpoint_uri} "
              f"({cfg.actors} actor(s), {device})")
     embedded = images.map_batches(ImageEmbedder, fn_constructor_args=(cfg.checkpoint_uri, device,
-                                                                        cfg.thumbnail_size, cfg.trace_encoders),
+                                                                        cfg.thumbnail_size, cfg.trace_encoders,
+                                                                        cfg.precision),
                                   **_actor_options(cfg))
     emb_parts, meta = [], {c: [] for c in ("id", "source", "image_id", "split", "label", "thumbnail")}
     skipped: list[str] = []
@@ -238,7 +297,7 @@ def build_index(cfg: IndexConfig, progress=log.info) -> dict[str, Any]:
         parts, captions = [], {"caption": [], "image": [], "image_row": []}
         per_batch = max(cfg.batch_size, 128)
         caption_ds = _caption_dataset(cfg).repartition(target_num_rows_per_block=per_batch).map_batches(
-            TextEmbedder, fn_constructor_args=(cfg.checkpoint_uri, device, cfg.trace_encoders),
+            TextEmbedder, fn_constructor_args=(cfg.checkpoint_uri, device, cfg.trace_encoders, cfg.precision),
             **{**_actor_options(cfg), "batch_size": per_batch})
         for batch in _batches_of_whole_pool(caption_ds, cfg):
             keep = np.array([str(k) in row_of for k in batch["image"]], dtype=bool)
@@ -265,6 +324,7 @@ def build_index(cfg: IndexConfig, progress=log.info) -> dict[str, Any]:
         "thumbnails": bool(cfg.thumbnail_size),
         "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "build_seconds": round(time.perf_counter() - t0, 2),
+        "precision": precision_record(cfg, image_emb, caption_emb, captions, meta, progress),
     }
     save_index(cfg.output_uri, EmbeddingIndex(manifest, image_emb, meta, caption_emb, captions))
     progress(f"index written to {cfg.output_uri}: {manifest['images']} images, {manifest['captions']} "

@@ -1,6 +1,10 @@
 """Serve config files (`serve_configs/*.yaml`): strict validation, and resolution for local runs.
 
-    harma serve serve_configs/local.yaml [--address ADDR]
+    harma serve serve_configs/local.yaml [--address ADDR] [dotted.path=value ...]
+
+Overrides are dotted paths into the file (`applications.harma.args.index_uri=s3://...`: a list
+element by its `name` or its position), values parsed as YAML; `args.X=...` is short for the args
+of the file's one harma application. The result is validated as strictly as the file.
 
 Ray 2.60's `ServeDeploySchema` silently ignores unknown keys and does not check autoscaling
 dicts, so a typo would deploy with defaults. `validate_serve_config` rejects unknown keys at every
@@ -73,14 +77,68 @@ def validate_serve_config(raw: Any, source: str = "serve config") -> dict[str, A
     return raw
 
 
-def load_serve_config(path: str | Path) -> dict[str, Any]:
+def load_serve_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(Path(path).read_text())
     except OSError as err:
         raise ServeConfigError(f"cannot read {path}: {err.strerror}") from None
     except yaml.YAMLError as err:
         raise ServeConfigError(f"{path} is not valid YAML: {err}") from None
-    return validate_serve_config(raw, str(path))
+    if overrides:
+        raw = apply_serve_overrides(raw, overrides, str(path))
+    return validate_serve_config(raw, str(path) + (" with overrides" if overrides else ""))
+
+
+def apply_serve_overrides(raw: Any, overrides: list[str], source: str = "serve config") -> dict[str, Any]:
+    """A copy of a Serve config dict with `dotted.path=value` overrides applied (see module doc)."""
+    from harma.config import ConfigError, parse_override
+
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        try:
+            path, value = parse_override(text)
+        except ConfigError as err:
+            raise ServeConfigError(str(err)) from None
+        parts = path.split(".")
+        if parts[0] == "args":
+            apps = [a for a in out.get("applications") or [] if a.get("import_path") == HARMA_IMPORT_PATH]
+            if len(apps) != 1:
+                raise ServeConfigError(f"override {path}: 'args.' needs exactly one harma application in "
+                                       f"{source}, it has {len(apps)}; name it: applications.NAME.args...")
+            node: Any = apps[0]
+        else:
+            node = out
+        *walk, last = parts
+        for i, key in enumerate(walk):
+            node = _child(node, key, ".".join(parts[: i + 1]))
+        if isinstance(node, list):
+            node[_list_index(node, last, path)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise ServeConfigError(f"override {path}: {'.'.join(parts[:-1])} is not a mapping")
+    return out
+
+
+def _list_index(items: list, key: str, where: str) -> int:
+    if key.isdigit() and int(key) < len(items):
+        return int(key)
+    named = [i for i, item in enumerate(items) if isinstance(item, dict) and item.get("name") == key]
+    if not named:
+        names = [item.get("name") for item in items if isinstance(item, dict)]
+        raise ServeConfigError(f"override {where}: no element {key!r} (names: {names}, or 0..{len(items) - 1})")
+    return named[0]
+
+
+def _child(node: Any, key: str, where: str) -> Any:
+    """`node[key]` (a list element by name or position), a new mapping where a key is missing."""
+    if isinstance(node, list):
+        return node[_list_index(node, key, where)]
+    if not isinstance(node, dict):
+        raise ServeConfigError(f"override {where}: its parent is not a mapping")
+    if key not in node or node[key] is None:
+        node[key] = {}
+    return node[key]
 
 
 def resolve_local_paths(raw: dict[str, Any]) -> dict[str, Any]:

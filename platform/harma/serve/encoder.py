@@ -93,11 +93,14 @@ class QueryEncoder:
     eager model (see harma.serve.traced); `towers` says which form each tower runs in.
     """
 
-    def __init__(self, checkpoint_uri: str, device: str = "auto", trace: bool = True):
+    def __init__(self, checkpoint_uri: str, device: str = "auto", trace: bool = True,
+                 precision: str = "validated"):
         from harma.model.backbone import build_tokenizer
         from harma.model.checkpoint import load_checkpoint
 
-        model, cfg = load_checkpoint(checkpoint_uri)
+        # The numerics that validated the checkpoint unless bf16 weights are asked for explicitly.
+        model, cfg = load_checkpoint(checkpoint_uri, precision)
+        self.precision = cfg.model.backbone.precision
         self.device = pick_device(device)
         self.model = model.to(self.device).eval()
         self.config = cfg

@@ -18,7 +18,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray.train
 from ray.train.torch import TorchTrainer
@@ -26,14 +26,15 @@ from ray.train.torch import TorchTrainer
 import ray
 from harma import storage
 from harma.config import PlatformConfig
+from harma.console import WorkerLogRelay, quiet_ray_loggers
+from harma.data.composition import uniform_same_image_share
 from harma.data.datasets import FOOTER_ACTORS, FOOTER_ACTORS_VAR, STREAM_CPUS, build_train_dataset
-from harma.data.local import eval_arrays
-from harma.data.prepared import count_captions, load_prepared_split, read_report
+from harma.data.prepared import captions_per_image, count_captions, load_prepared_split, read_report
 from harma.eval import format_table
-from harma.model.backbone import arch_info, build_tokenizer
-from harma.model.checkpoint import load_checkpoint
+from harma.model.backbone import arch_info
+from harma.model.checkpoint import copy_checkpoint, load_checkpoint
 from harma.serve.build import READ_CPUS as INDEX_READ_CPUS
-from harma.train.evaluate import evaluate_arrays
+from harma.train.evaluate import evaluate_split
 from harma.train.loop import train_worker
 from harma.train.stored import best_on_val, stored_checkpoints
 
@@ -44,10 +45,13 @@ class PreflightError(ValueError):
     """The run cannot start: storage unusable, data missing or too many bad images."""
 
 
+BEST = "best"  # <output_dir>/<name>/best: the run's best-on-val checkpoint, a stable URI
+
+
 @dataclass
 class FitResult:
     run_dir: str
-    best_checkpoint: str
+    best_checkpoint: str  # <run_dir>/best (published there from best_source)
     best_step: int  # the step the best-on-val checkpoint was taken at
     best_val: dict[str, float]
     test: dict[str, float]
@@ -63,6 +67,9 @@ class FitResult:
     startup_wait_seconds: float = 0.0  # of which the first batch of this attempt's first epoch
     pairs_per_worker: int = 0
     device: str = ""  # rank 0's torch device ("cpu", "cuda:0")
+    best_source: str = ""  # the Ray checkpoint folder the best-on-val checkpoint was copied from
+    test_official: dict = field(default_factory=dict)  # test scores with the paper code's tie order
+    test_per_class: dict | None = None  # per scene class (harma.eval.per_class_metrics), both protocols
 
 
 _FORWARDED_ENV = ("AWS_ENDPOINT_URL", "HARMA_S3_ENDPOINT", "AWS_REGION", "AWS_DEFAULT_REGION",
@@ -83,6 +90,7 @@ def worker_env() -> dict[str, str]:
 # 6.7 s instead of 1.3 s). Set before a node starts: here for local clusters, in cluster.yaml for
 # real ones (`WORKERS_PER_CPU` x the node's CPUs there too).
 WORKER_LIMIT_VAR = "RAY_num_workers_soft_limit"
+STARTUP_CONCURRENCY_VAR = "RAY_worker_maximum_startup_concurrency"
 # The most Data tasks one logical CPU holds at once: the training stream's tasks or the index
 # build's reads, whichever ask less CPU.
 WORKERS_PER_CPU = round(1 / min(STREAM_CPUS, INDEX_READ_CPUS))
@@ -94,8 +102,12 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         return
     os.environ.setdefault(FOOTER_ACTORS_VAR, FOOTER_ACTORS)
     env = {"env_vars": worker_env()}
+    # Ray's internals (worker output, controller, raylet) stay in Ray's log files; harma's own lines
+    # from the workers reach the console through harma.console.WorkerLogRelay. While Ray starts,
+    # only its errors show (not its notice that token authentication is on).
+    quiet_ray_loggers(logging.ERROR)
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=env, log_to_driver=True)
+        context = ray.init(runtime_env=env, log_to_driver=False, logging_level=logging.ERROR)
     else:
         from harma.serve.ingress import ensure_fast_ingress
 
@@ -103,7 +115,12 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         # Logical CPUs above the core count: Train workers and Data tasks use fractions of them.
         num_cpus = num_cpus or max(4, 2 * (os.cpu_count() or 2))
         os.environ.setdefault(WORKER_LIMIT_VAR, str(WORKERS_PER_CPU * num_cpus))
-        ray.init(num_cpus=num_cpus, runtime_env=env, log_to_driver=True)
+        # The raylet warns on the console when it starts more than 4 x this many worker processes
+        # (default: the physical cores); fractional-CPU Data tasks start that many on purpose.
+        os.environ.setdefault(STARTUP_CONCURRENCY_VAR, str(num_cpus))
+        context = ray.init(num_cpus=num_cpus, runtime_env=env, log_to_driver=False, logging_level=logging.ERROR)
+    quiet_ray_loggers()
+    log.info("Ray's own logs: %s", os.path.join(context.address_info.get("session_dir", "?"), "logs"))
 
 
 def with_absolute_paths(cfg: PlatformConfig) -> PlatformConfig:
@@ -147,13 +164,15 @@ def plan_steps(cfg: PlatformConfig, pairs: int) -> tuple[int, int]:
     return cfg.train.steps, math.ceil(cfg.train.steps / per_epoch)
 
 
-def fit(cfg: PlatformConfig, callbacks: list | None = None, evaluate_test: bool = True) -> FitResult:
+def fit(cfg: PlatformConfig, callbacks: list | None = None, evaluate_test: bool = True,
+        tracking_parent: dict | None = None) -> FitResult:
     """Train with Ray Train + DeepSpeed; resume the run of the same name if it exists.
 
     Args:
         cfg: the job's config (needs model, data with prepared_uri, train).
         callbacks: Ray Train user callbacks (a Tune trial passes `TuneReportCallback`).
         evaluate_test: score the best-on-val checkpoint on the test split at the end.
+        tracking_parent: the sweep's MLflow run (`RunTracker.ref()`): this run is its child.
     """
     t0 = time.perf_counter()
     cfg = with_absolute_paths(cfg)
@@ -172,31 +191,43 @@ def fit(cfg: PlatformConfig, callbacks: list | None = None, evaluate_test: bool 
     log.info("training %s: %d pairs, %d epochs, %d steps, global batch %d, workers %s, ZeRO %d",
              cfg.run.name, pairs, epochs, total_steps, cfg.train.batch_size, num_workers,
              cfg.train.deepspeed.zero_stage)
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"config": cfg.to_dict(), "total_steps": total_steps, "epochs": epochs,
-                           "images": images, "run_dir": run_dir},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=num_workers, use_gpu=workers.use_gpu,
-            resources_per_worker={"CPU": workers.cpus_per_worker},
-            elastic_resize_monitor_interval_s=workers.resize_interval_s),
-        run_config=ray.train.RunConfig(
-            name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
-            worker_runtime_env={"env_vars": worker_env()}, callbacks=callbacks,
-            failure_config=ray.train.FailureConfig(max_failures=workers.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=None, checkpoint_score_attribute="val_mr", checkpoint_score_order="max")),
-        datasets={"train": build_train_dataset(cfg.data, arch.image_size, arch.context_length, cfg.run.seed)},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-    )
-    result = trainer.fit()
+    # What uniform sampling of pairs (the paper code's) would put in a batch: the runs' history
+    # shows each epoch's measured share beside it (harma.data.composition).
+    uniform_share = uniform_same_image_share(captions_per_image(cfg.data.prepared_uri, cfg.data.train_split),
+                                             cfg.train.batch_size)
+    with WorkerLogRelay() as relay:  # the workers' harma lines, printed here as they come
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={"config": cfg.to_dict(), "total_steps": total_steps, "epochs": epochs,
+                               "images": images, "run_dir": run_dir, "uniform_same_image_share": uniform_share,
+                               "console": relay.handle},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=num_workers, use_gpu=workers.use_gpu,
+                resources_per_worker={"CPU": workers.cpus_per_worker},
+                elastic_resize_monitor_interval_s=workers.resize_interval_s),
+            run_config=ray.train.RunConfig(
+                name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
+                worker_runtime_env={"env_vars": worker_env()}, callbacks=callbacks,
+                failure_config=ray.train.FailureConfig(max_failures=workers.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(
+                    num_to_keep=None, checkpoint_score_attribute="val_mr", checkpoint_score_order="max")),
+            datasets={"train": build_train_dataset(cfg.data, arch.image_size, arch.context_length, cfg.run.seed)},
+            dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        )
+        result = trainer.fit()
     summary = result.return_value or {}
     # From storage, not Ray's records: a checkpoint whose worker died before Ray registered it
     # still counts (harma.train.stored).
     checkpoints = stored_checkpoints(run_dir)
     best = best_on_val(checkpoints)
-    best_uri, best_metrics = best.uri, best.metrics()
-    test = evaluate_checkpoint(best_uri, cfg.data.prepared_uri, cfg.data.test_split) if evaluate_test else {}
+    best_metrics = best.metrics()
+    # Published at a stable URI that eval, index and serve job files can name.
+    best_uri = storage.join(run_dir, BEST)
+    copy_checkpoint(best.uri, best_uri)
+    log.info("best checkpoint on val (step %d, val mR %.2f): %s", best.step, best_metrics.get("val_mr", float("nan")),
+             best_uri)
+    test_report = evaluate_where_trained(cfg, best_uri) if evaluate_test else {}
+    test = test_report.get("metrics", {})
     final_meta = checkpoints[-1].metrics()
     fit_result = FitResult(
         run_dir=run_dir, best_checkpoint=best_uri, best_step=best.step,
@@ -208,30 +239,66 @@ def fit(cfg: PlatformConfig, callbacks: list | None = None, evaluate_test: bool 
         seconds=time.perf_counter() - t0, report_dir=storage.join(run_dir, "report"),
         loop_seconds=summary.get("loop_seconds", 0.0), pairs_per_worker=summary.get("pairs_per_worker", 0),
         input_wait_seconds=summary.get("input_wait_seconds", 0.0), device=summary.get("device", ""),
-        startup_wait_seconds=summary.get("startup_wait_seconds", 0.0))
-    write_run_report(fit_result, final_meta["history"], cfg)
+        startup_wait_seconds=summary.get("startup_wait_seconds", 0.0), best_source=best.uri,
+        test_official=test_report.get("metrics_official", {}), test_per_class=test_report.get("per_class"))
+    files = write_run_report(fit_result, final_meta["history"], cfg)
+    _track(cfg, run_dir, fit_result, final_meta["history"], files, tracking_parent)
     return fit_result
 
 
+def _track(cfg: PlatformConfig, run_dir: str, result: FitResult, history: list[dict], files: dict[str, bytes],
+           parent: dict | None) -> None:
+    """The run in MLflow (harma.tracking; never fails the run): config, history, report, best URI."""
+    from harma import tracking
+
+    with tracking.start_run(cfg.to_dict(), run_dir, cfg.run.name, parent=parent, enabled=cfg.run.track) as run:
+        run.log_history(history)
+        run.log_report(files)
+        final = {**{f"best_val_{k}": v for k, v in result.best_val.items()},
+                 **{f"test_{k}": v for k, v in result.test.items()}}
+        run.finish(result.best_checkpoint, {k: v for k, v in final.items() if isinstance(v, int | float)},
+                   step=result.steps)
+
+
 def evaluate_checkpoint(checkpoint_uri: str, prepared_uri: str, split: str) -> dict[str, float]:
+    """A checkpoint's scores on a prepared split, exactly as `harma eval` computes them (the
+    pessimistic-ties metrics of `harma.train.evaluate.evaluate_split`)."""
+    return evaluate_checkpoint_report(checkpoint_uri, prepared_uri, split)["metrics"]
+
+
+def evaluate_checkpoint_report(checkpoint_uri: str, prepared_uri: str, split: str, device: str = "cpu") -> dict:
+    """`harma eval`'s whole report (both tie protocols, per class) of a checkpoint on a split, in the
+    numerics that validated it (`load_checkpoint`'s default), on `device`."""
     model, cfg = load_checkpoint(checkpoint_uri)
     data = load_prepared_split(prepared_uri, split)
-    images, tokens = eval_arrays(data, model.arch.image_size, build_tokenizer(model.arch.name),
-                                 cfg.data.max_words)
-    return evaluate_arrays(model, images, tokens, data.caption_image, cfg.train.eval_batch_size)
+    return evaluate_split(model.to(device), data, cfg.data.max_words, cfg.train.eval_batch_size)
 
 
-def write_run_report(result: FitResult, history: list[dict], cfg: PlatformConfig) -> None:
-    """report/metrics.json, history.jsonl and training.png (loss and val mR over steps)."""
+def evaluate_where_trained(cfg: PlatformConfig, checkpoint_uri: str) -> dict:
+    """The best checkpoint's test report, computed in a Ray task with one training worker's
+    resources (its GPU on a GPU cluster; the driver's head node may have no CPUs for work)."""
+    workers = cfg.train.workers
+    task = ray.remote(num_cpus=workers.cpus_per_worker, num_gpus=1 if workers.use_gpu else 0,
+                      runtime_env={"env_vars": worker_env()})(evaluate_checkpoint_report)
+    device = "cuda" if workers.use_gpu else "cpu"
+    return ray.get(task.remote(checkpoint_uri, cfg.data.prepared_uri, cfg.data.test_split, device))
+
+
+def write_run_report(result: FitResult, history: list[dict], cfg: PlatformConfig) -> dict[str, bytes]:
+    """report/metrics.json, history.jsonl, training.png (loss and val mR over steps) and table.txt;
+    returns them by name."""
     body = {k: v for k, v in result.__dict__.items()}
     body["config"] = cfg.to_dict()
-    storage.write_bytes(storage.join(result.report_dir, "metrics.json"), json.dumps(body, indent=1).encode())
-    storage.write_bytes(storage.join(result.report_dir, "history.jsonl"),
-                        "".join(json.dumps(r) + "\n" for r in history).encode())
-    storage.write_bytes(storage.join(result.report_dir, "training.png"), plot_history(history, cfg.run.name))
-    storage.write_bytes(storage.join(result.report_dir, "table.txt"),
-                        (format_table({"best val": result.best_val, **({"test": result.test} if result.test else {})})
-                         + "\n").encode())
+    files = {
+        "metrics.json": json.dumps(body, indent=1).encode(),
+        "history.jsonl": "".join(json.dumps(r) + "\n" for r in history).encode(),
+        "training.png": plot_history(history, cfg.run.name),
+        "table.txt": (format_table({"best val": result.best_val, **({"test": result.test} if result.test else {})})
+                      + "\n").encode(),
+    }
+    for name, data in files.items():
+        storage.write_bytes(storage.join(result.report_dir, name), data)
+    return files
 
 
 def plot_history(history: list[dict], title: str) -> bytes:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
-from harma.eval import retrieval_metrics
+from harma.eval import evaluation_report, retrieval_metrics
 from harma.model.harma import HarmaModel
+
+if TYPE_CHECKING:
+    from harma.data.local import Split
 
 
 @torch.no_grad()
@@ -29,6 +34,20 @@ def embed_split(
 def evaluate_arrays(
     model: HarmaModel, images: np.ndarray, tokens: np.ndarray, caption_image: np.ndarray,
     batch_size: int = 128,
-) -> dict[str, float]:
+) -> dict[str, float | str]:
     image_emb, text_emb = embed_split(model, images, tokens, batch_size)
     return retrieval_metrics(image_emb @ text_emb.T, caption_image)
+
+
+def evaluate_split(model: HarmaModel, split: Split, max_words: int, batch_size: int = 128) -> dict:
+    """Encode a whole split and score it as `harma eval` does: `harma.eval.evaluation_report`.
+
+    Both tie protocols ("metrics": pessimistic, the default; "metrics_official": the paper code's
+    np.argsort reversed) and the per-scene-class breakdown ("per_class", None without labels).
+    """
+    from harma.data.local import eval_arrays
+    from harma.model.backbone import build_tokenizer
+
+    images, tokens = eval_arrays(split, model.arch.image_size, build_tokenizer(model.arch.name), max_words)
+    image_emb, text_emb = embed_split(model, images, tokens, batch_size)
+    return evaluation_report(image_emb @ text_emb.T, split.caption_image, split.labels, split.image_keys)

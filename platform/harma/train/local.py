@@ -67,7 +67,8 @@ def fit_local(
     scheduler = build_scheduler(optimizer, cfg.train.steps, cfg.train.schedule)
     engine = TorchEngine(model, optimizer, scheduler)
     batches = train_batches(train_split, arch.image_size, tokenizer, cfg.data.max_words,
-                            cfg.data.augment, cfg.train.batch_size, cfg.run.seed)
+                            cfg.data.augment, cfg.train.batch_size, cfg.run.seed,
+                            grouped=cfg.data.batch_composition == "image_grouped")
 
     def validate() -> dict[str, float]:
         return evaluate_arrays(model, val_images, val_tokens, val_split.caption_image,

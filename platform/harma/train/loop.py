@@ -26,11 +26,12 @@ from safetensors.torch import save_file
 import ray
 from harma import storage
 from harma.config import PlatformConfig
+from harma.console import attach_relay
 from harma.data.local import eval_arrays
 from harma.data.prepared import load_prepared_split
 from harma.data.transforms import normalize_pixels
 from harma.model.backbone import build_tokenizer
-from harma.model.checkpoint import METRICS_FILE, save_checkpoint
+from harma.model.checkpoint import METRICS_FILE, model_numerics, save_checkpoint
 from harma.model.harma import build_model
 from harma.train.engine import DeepSpeedEngine, deepspeed_config, prepare_deepspeed_env
 from harma.train.evaluate import evaluate_arrays
@@ -57,11 +58,13 @@ def _to_torch(batch: dict[str, np.ndarray]) -> tuple[dict[str, torch.Tensor], li
 def train_worker(loop_config: dict) -> dict:
     """Per-worker training function (Ray Train). Returns rank 0's summary."""
     # --- config and context ------------------------------------------------------------------
+    attach_relay(loop_config.get("console"))  # this worker's harma log lines -> the driver's console
     cfg = PlatformConfig.model_validate(loop_config["config"])
     total_steps: int = loop_config["total_steps"]
     epochs: int = loop_config["epochs"]
     images_total: int = loop_config["images"]
     run_dir: str = loop_config["run_dir"]
+    uniform_share: float | None = loop_config.get("uniform_same_image_share")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     use_gpu = cfg.train.workers.use_gpu
@@ -80,6 +83,10 @@ def train_worker(loop_config: dict) -> dict:
                                       dist_init_required=False)
     trainer = DeepSpeedEngine(engine, model, total_steps, cfg.train.schedule, cfg.train.optimizer.lr)
     device = engine.device
+    # How this run computes: the weights as built (fp32 masters on GPU), DeepSpeed's autocast in the
+    # training forward, validation (below) on the weights as they are, without autocast.
+    autocast = ds_config.get("torch_autocast", {}).get("dtype")
+    numerics = model_numerics(model, {"bfloat16": "bf16"}.get(autocast, autocast))
     nodes: list = [None] * world
     torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     micro_batch = ds_config["train_micro_batch_size_per_gpu"]
@@ -119,13 +126,14 @@ def train_worker(loop_config: dict) -> dict:
     shard = ray.train.get_dataset_shard("train")
     streams = EpochStreams(lambda epoch: shard.iter_batches(
         batch_size=micro_batch, drop_last=True, batch_format="numpy",
-        local_shuffle_buffer_size=4 * micro_batch, prefetch_batches=2,
+        local_shuffle_buffer_size=max(4 * micro_batch, cfg.data.shuffle_buffer_pairs), prefetch_batches=2,
         local_shuffle_seed=(cfg.run.seed + epoch) if cfg.data.deterministic else None))
     t_start, steps_at_start = time.perf_counter(), trainer.global_step
     loop_seconds, pairs_seen = 0.0, 0
     input_wait = InputWaitMeter()
     for epoch in range(start_epoch, epochs):
         last: dict = {}
+        shares: list[float] = []  # each global batch's same-image share (harma.data.composition)
         t_epoch = time.perf_counter()
         for batch in input_wait.batches(streams.take(epoch)):
             if trainer.global_step >= total_steps:
@@ -139,6 +147,7 @@ def train_worker(loop_config: dict) -> dict:
             tensors = {k: v.to(device) for k, v in tensors.items()}
             tensors["image"] = normalize_pixels(tensors["image"])
             last = train_step(trainer, tensors, cfg.train.loss)
+            shares.append(last["same_image_share"])
             pairs_seen += len(tensors["image_id"])
             history.append({"step": trainer.global_step, "epoch": epoch, **last})
             if rank == 0 and (trainer.global_step % cfg.train.log_every == 0):
@@ -152,18 +161,24 @@ def train_worker(loop_config: dict) -> dict:
 
         # --- validate, checkpoint, report (every rank reports: it is a barrier) ----------------
         waited = {"input_wait_s": input_wait.epoch_wait_s, "first_batch_s": input_wait.first_batch_s}
+        # What the epoch's batches were made of, beside what uniform sampling would give.
+        composition = {"batch_same_image_share": float(np.mean(shares)) if shares else float("nan"),
+                       "batch_same_image_share_uniform": uniform_share}
         metrics = {"epoch": epoch + 1, "step": trainer.global_step, "loss": last.get("loss", float("nan")),
-                   **waited}
+                   **waited, **composition}
         if rank == 0:
             scores = evaluate_arrays(model, *val, batch_size=cfg.train.eval_batch_size)
             metrics.update({f"val_{k}": v for k, v in scores.items()})
             if best_val is None or scores["mr"] > best_val["mr"]:
                 best_val = {**scores, "step": trainer.global_step}
             history.append({"step": trainer.global_step, "epoch": epoch + 1,
-                            **{f"val_{k}": v for k, v in scores.items()}, **waited})
+                            **{f"val_{k}": v for k, v in scores.items()}, **waited, **composition})
             log.info("[harma] epoch %d/%d step %d: val mR %.2f (best %.2f); waited %.1f s for input "
-                     "(%.1f s of it for the first batch)", epoch + 1, epochs, trainer.global_step,
-                     scores["mr"], best_val["mr"], input_wait.epoch_wait_s, input_wait.first_batch_s)
+                     "(%.1f s of it for the first batch); %.1f%% of samples shared their batch with "
+                     "another caption of their image (uniform sampling: %s)", epoch + 1, epochs,
+                     trainer.global_step, scores["mr"], best_val["mr"], input_wait.epoch_wait_s,
+                     input_wait.first_batch_s, 100 * composition["batch_same_image_share"],
+                     "n/a" if uniform_share is None else f"{100 * uniform_share:.1f}%")
         state = trainer.gather_state()  # collective
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
@@ -171,7 +186,7 @@ def train_worker(loop_config: dict) -> dict:
                 save_file(state, os.path.join(tmp, STATE_FILE))
                 save_checkpoint(tmp, model, cfg, {
                     **metrics, "history": history, "bad_images": bad_images, "restarts": restarts,
-                    "best_val": best_val, "world_size": world})
+                    "best_val": best_val, "world_size": world}, numerics)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics if rank == 0 else {}, checkpoint=ckpt)
         if trainer.global_step >= total_steps:
@@ -221,8 +236,8 @@ def _log_progress(step: int, total: int, metrics: dict, t_start: float, first: i
     elapsed = time.perf_counter() - t_start
     rate = (step - first) / elapsed if elapsed > 0 else 0.0
     eta = (total - step) / rate if rate > 0 else 0.0
-    # Logged, not printed: Ray Train routes a worker's print() to the root logger *and* (its stdout
-    # being wrapped) to stdout, so each printed line reached the driver twice.
+    # Logged, not printed: the `harma` logger's records reach the driver's console through
+    # harma.console (Ray's forwarding of worker output is off).
     log.info("[harma] step %d/%d  loss %.4f  lr %.2e  %.2f steps/s  input wait %d%%  ETA %d:%02d",
              step, total, metrics["loss"], metrics["lr"], rate, round(100 * input_wait),
              int(eta) // 60, int(eta) % 60)

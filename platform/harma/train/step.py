@@ -14,8 +14,9 @@ from typing import Protocol
 import torch
 
 from harma.config import LossConfig
+from harma.data.composition import same_image_share
 from harma.model.harma import HarmaModel
-from harma.model.losses import harma_loss
+from harma.model.losses import gather_ids, harma_loss
 
 
 class Engine(Protocol):
@@ -60,8 +61,10 @@ def train_step(engine: Engine, batch: dict[str, torch.Tensor], loss_cfg: LossCon
     """One optimizer step on a batch {"image": (b,3,H,W), "tokens": (b,ctx), "image_id": (b,)}.
 
     Returns:
-        {"loss", "contrastive", "triplet", "uniformity", "lr", "temperature"} as floats; the lr
-        is the one this step used.
+        {"loss", "contrastive", "triplet", "uniformity", "lr", "temperature", "same_image_share"}
+        as floats; the lr is the one this step used; same_image_share: the share of the global
+        batch's samples that another caption of their own image shares it with
+        (`harma.data.composition`).
     """
     engine.model.train()
     lr = engine.lr
@@ -75,4 +78,5 @@ def train_step(engine: Engine, batch: dict[str, torch.Tensor], loss_cfg: LossCon
     out = {k: float(v.detach()) for k, v in parts.items()}
     out["lr"] = lr
     out["temperature"] = float(engine.model.temperature.detach().float()[0])
+    out["same_image_share"] = same_image_share(gather_ids(batch["image_id"]).cpu().numpy())
     return out

@@ -69,12 +69,13 @@ def _trial_config(base: PlatformConfig, overrides: dict, trials_dir: str) -> Pla
                                 "run.output_dir": trials_dir, "tune": None})
 
 
-def run_trial(config: dict, base: dict, trials_dir: str) -> None:
-    """The Tune trainable: one training run with this trial's values."""
+def run_trial(config: dict, base: dict, trials_dir: str, tracking_parent: dict | None = None) -> None:
+    """The Tune trainable: one training run with this trial's values (a child MLflow run of the
+    sweep's, when tracked)."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg = _trial_config(PlatformConfig.model_validate(base), config["overrides"], trials_dir)
-    fit(cfg, callbacks=[TuneReportCallback()], evaluate_test=False)
+    fit(cfg, callbacks=[TuneReportCallback()], evaluate_test=False, tracking_parent=tracking_parent)
 
 
 def _name_of(trial) -> str:
@@ -95,8 +96,12 @@ def sweep(cfg: PlatformConfig) -> SweepResult:
     trials_dir = storage.join(sweep_dir, "trials")
     path, fs_arg = storage.ray_storage(cfg.run.output_dir)
     tune_cfg = cfg.tune
+    from harma import tracking
+
+    tracker = tracking.start_run(cfg.to_dict(), sweep_dir, cfg.run.name, kind="sweep", enabled=cfg.run.track)
     trainable = ray.tune.with_resources(
-        partial(run_trial, base=cfg.to_dict(), trials_dir=trials_dir), {"cpu": tune_cfg.trial_cpus})
+        partial(run_trial, base=cfg.to_dict(), trials_dir=trials_dir, tracking_parent=tracker.ref()),
+        {"cpu": tune_cfg.trial_cpus})
     exp_path = storage.resolve(sweep_dir)[1]
     if ray.tune.Tuner.can_restore(exp_path, storage_filesystem=fs_arg):
         log.info("resuming sweep %s: finished trials are kept", exp_path)
@@ -132,6 +137,10 @@ def sweep(cfg: PlatformConfig) -> SweepResult:
         raise RuntimeError(f"no trial of sweep {cfg.run.name} produced a checkpoint")
     best = max(rows, key=lambda r: r.val_mr if tune_cfg.mode == "max" else -r.val_mr)
     best_path = write_summary(cfg, rows, best, sweep_dir)
+    summary = storage.join(sweep_dir, "summary")
+    tracker.log_report({name: storage.join(summary, name) for name in
+                        ("table.txt", "table.json", "val_mr_vs_params.png", "best.yaml")}, "summary")
+    tracker.finish(best.checkpoint, {"best_val_mr": best.val_mr, "best_test_mr": best.test_mr})
     return SweepResult(sweep_dir, rows, best, best_path, time.perf_counter() - t0)
 
 

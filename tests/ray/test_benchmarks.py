@@ -1,0 +1,41 @@
+"""Every benchmark in benchmarks/ runs in its --smoke mode (seconds, tiny sizes) and writes its
+JSON, so a broken benchmark is a red CI. Each runs as a user runs it: its own process and its
+own local Ray (not the session's cluster)."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BENCHMARKS = sorted(p.name for p in (REPO / "benchmarks").glob("*.py"))
+# What each JSON must hold: the benchmark's own figure against its ceiling, measured.
+KEYS = {
+    "ingest.py": ("ratio_per_core", "bare_pairs_per_s_1core", "ray_data_pairs_per_s"),
+    "train_step.py": ("bare_pairs_per_s", "runs"),
+    "serve_latency.py": ("overhead_p50_ms", "throughput_ratio", "direct_batched_qps"),
+    "paper_table.py": ("rows",),
+}
+
+
+def test_every_benchmark_is_known_here():
+    assert set(BENCHMARKS) == set(KEYS), "add the new benchmark's JSON keys to KEYS"
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("script", BENCHMARKS)
+def test_benchmark_smoke_mode_runs_and_writes_its_json(script, tmp_path):
+    out = tmp_path / "result.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="hb-")  # short: Ray's socket paths live under it
+    env["PYTHONPATH"] = str(REPO / "platform")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--smoke", "--out", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for key in KEYS[script]:
+        assert key in result, f"{script}: no {key!r} in its JSON"

@@ -1,0 +1,130 @@
+"""The shipped synth job files chained on the S3 store, as a user runs them:
+
+    harma train --config jobs/train_synth.yaml -> harma eval --config jobs/eval_synth.yaml
+    -> harma index build --config jobs/index_synth.yaml -> harma serve serve_configs/local.yaml
+
+Only the storage prefixes (and the test's small sizes) are overridden; every later step names the
+run's published best-on-val checkpoint, <output_dir>/<name>/best. The run's reported test scores
+equal `harma eval`'s of the same checkpoint exactly."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+
+from harma.cli import main
+from harma.data.prepare import prepare_dataset
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_serve import _free_port, _stop, _wait_http  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+BEST = "s3://chain-runs/runs/synth-adapt/best"
+
+
+@pytest.mark.ray
+def test_train_eval_index_serve_chain_from_the_shipped_files_on_s3(ray_cluster, s3_server, synth_root, tmp_path,
+                                                                    capsys):
+    import ray
+
+    from harma import storage
+
+    s3_server.create_bucket("chain-data")
+    s3_server.create_bucket("chain-runs")
+    prepare_dataset(synth_root, "s3://chain-data/synth", ["train", "val", "test"])
+    data = "data.prepared_uri=s3://chain-data/synth"
+    assert main(["train", "--config", str(REPO / "jobs" / "train_synth.yaml"), "run.output_dir=s3://chain-runs/runs",
+                 data, "model.backbone.weights_uri=null", "train.epochs=2", "train.batch_size=16",
+                 "train.workers.min=1", "train.workers.max=1"]) == 0
+    report = json.loads(storage.read_bytes("s3://chain-runs/runs/synth-adapt/report/metrics.json"))
+    assert report["best_checkpoint"] == BEST and report["best_source"].startswith("s3://chain-runs/runs/synth-adapt/checkpoint_")
+    for name in ("config.yaml", "adapter.safetensors"):  # published: the same bytes as its source
+        assert storage.read_bytes(f"{BEST}/{name}") == storage.read_bytes(f"{report['best_source']}/{name}")
+
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--config", str(REPO / "jobs" / "eval_synth.yaml"), f"eval.checkpoint_uri={BEST}",
+                 "eval.prepared_uri=s3://chain-data/synth", f"eval.out={out}"]) == 0
+    evaluated = json.loads(out.read_text())
+    assert evaluated["metrics"] == report["test"]  # the run's test report is harma eval's, exactly
+
+    assert main(["index", "build", "--config", str(REPO / "jobs" / "index_synth.yaml"), f"index.checkpoint_uri={BEST}",
+                 "index.corpus_uri=s3://chain-data/synth", "index.output_uri=s3://chain-runs/index-synth"]) == 0
+    capsys.readouterr()
+
+    port = _free_port()
+    proc = __import__("subprocess").Popen(
+        [sys.executable, "-m", "harma", "serve", str(REPO / "serve_configs" / "local.yaml"),
+         f"args.checkpoint_uri={BEST}", "args.index_uri=s3://chain-runs/index-synth", f"http_options.port={port}",
+         "applications.harma.deployments.Retriever.autoscaling_config.max_replicas=1",
+         "applications.harma.deployments.Retriever.ray_actor_options.num_cpus=0.5",
+         "--address", ray.get_runtime_context().gcs_address],
+        start_new_session=True, stdout=__import__("subprocess").PIPE, stderr=__import__("subprocess").STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        _wait_http(url + "healthz", proc=proc)
+        hits = requests.post(url + "v1/text-to-images", json={"text": "a red ship", "k": 3}, timeout=30).json()
+        info = requests.get(url + "v1/info", timeout=30).json()
+    except (TimeoutError, RuntimeError):
+        print(_stop(proc))
+        raise
+    finally:
+        import ray.serve
+
+        _stop(proc)
+        ray.serve.shutdown()
+    assert len(hits["results"]) == 3
+    assert info["checkpoint_uri"] == BEST
+
+    # The run in MLflow, read back with MLflow's own client (the session's store, conftest).
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+            if r.info.run_name == "synth-adapt" and r.data.tags.get("harma.best_checkpoint") == BEST]
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.params["train.batch_size"] == "16" and run.data.params["run.output_dir"] == "s3://chain-runs/runs"
+    assert run.data.metrics["test_mr"] == pytest.approx(report["test"]["mr"])
+    val = [m.value for m in client.get_metric_history(run.info.run_id, "val_mr")]
+    assert len(val) == 2  # one per epoch
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "report")} >= {"report/training.png",
+                                                                                "report/metrics.json"}
+
+
+HARMA_LOG_LINE = r"^\d\d:\d\d:\d\d \S"  # harma's console format (harma.cli._setup_logging)
+SUMMARY_LINES = (r"^$", r"^ +I2T R@1", r"^best val ", r"^test \(best on val\) ", r"^\d+ steps on \d+ worker",
+                 r"^best checkpoint: ", r"^report: ")
+
+
+@pytest.mark.ray
+def test_a_training_run_console_shows_harmas_lines_only(ray_cluster, synth_root, tmp_path):
+    """`harma train` as a user runs it: its console is harma's progress (steps, epochs with val mR,
+    the Ray log folder) and its summary; Ray's internals stay in Ray's log files."""
+    import os
+    import re
+    import subprocess
+
+    import ray
+
+    prepare_dataset(synth_root, str(tmp_path / "store"), ["train", "val", "test"])
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    proc = subprocess.run(
+        [sys.executable, "-m", "harma", "train", "--config", str(REPO / "jobs" / "train_synth.yaml"),
+         f"run.output_dir={tmp_path / 'runs'}", f"data.prepared_uri={tmp_path / 'store'}",
+         "model.backbone.weights_uri=null", "train.epochs=2", "train.batch_size=16", "train.log_every=4",
+         "train.workers.min=2", "train.workers.max=2"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = (proc.stdout + proc.stderr).splitlines()
+    foreign = [line for line in lines if not re.match(HARMA_LOG_LINE, line)
+               and not any(re.match(p, line) for p in SUMMARY_LINES)]
+    assert foreign == []
+    harma = [line for line in lines if re.match(HARMA_LOG_LINE, line)]
+    assert sum("[harma] step " in line for line in harma) >= 4  # the workers' progress reached the console
+    assert sum("[harma] epoch " in line and "val mR" in line for line in harma) == 2
+    assert any("Ray's own logs: " in line for line in harma)
+    assert not any("\x1b[" in line or "Reporting training result" in line for line in lines)
