@@ -18,7 +18,7 @@ KEYS = {
     "ingest.py": ("ratio_per_core", "bare_pairs_per_s_1core", "ray_data_pairs_per_s"),
     "train_step.py": ("bare_pairs_per_s", "runs"),
     "serve_latency.py": ("overhead_p50_ms", "throughput_ratio", "direct_batched_qps"),
-    "paper_table.py": ("rows",),
+    "paper_table.py": ("variants", "verdict"),
 }
 
 

@@ -8,6 +8,7 @@ run's published best-on-val checkpoint, <output_dir>/<name>/best. The run's repo
 equal `harma eval`'s of the same checkpoint exactly."""
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,7 +29,6 @@ BEST = "s3://chain-runs/runs/synth-adapt/best"
 def test_train_eval_index_serve_chain_from_the_shipped_files_on_s3(ray_cluster, s3_server, synth_root, tmp_path,
                                                                     capsys):
     import ray
-
     from harma import storage
 
     s3_server.create_bucket("chain-data")
@@ -54,13 +54,13 @@ def test_train_eval_index_serve_chain_from_the_shipped_files_on_s3(ray_cluster, 
     capsys.readouterr()
 
     port = _free_port()
-    proc = __import__("subprocess").Popen(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "harma", "serve", str(REPO / "serve_configs" / "local.yaml"),
          f"args.checkpoint_uri={BEST}", "args.index_uri=s3://chain-runs/index-synth", f"http_options.port={port}",
          "applications.harma.deployments.Retriever.autoscaling_config.max_replicas=1",
          "applications.harma.deployments.Retriever.ray_actor_options.num_cpus=0.5",
          "--address", ray.get_runtime_context().gcs_address],
-        start_new_session=True, stdout=__import__("subprocess").PIPE, stderr=__import__("subprocess").STDOUT, text=True)
+        start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/"
     try:
         _wait_http(url + "healthz", proc=proc)
@@ -106,7 +106,6 @@ def test_a_training_run_console_shows_harmas_lines_only(ray_cluster, synth_root,
     the Ray log folder) and its summary; Ray's internals stay in Ray's log files."""
     import os
     import re
-    import subprocess
 
     import ray
 

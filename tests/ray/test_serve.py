@@ -258,7 +258,10 @@ def test_text_image_and_caption_search_over_http(service):
     assert base64.b64decode(upload["results"][0]["thumbnail"].split(",", 1)[1]) == thumb.content
     info = requests.get(url + "v1/info", timeout=30).json()
     assert info["checkpoint_uri"] == service["a"] and info["index"] == {
-        "images": 40, "captions": 200, "built_at": service["full"]["built_at"], "corpus_uri": service["store"]}
+        "images": 40, "captions": 200, "built_at": service["full"]["built_at"], "corpus_uri": service["store"],
+        # built in the numerics that validated the checkpoint: nothing to measure
+        "precision": {"weights": "fp32", "validated_in": "fp32", "cost": None}}
+    assert info["precision"] == "fp32"
     assert info["auth"] == "none" and info["versions"]["ray"] == "2.60.0" and info["arch"] == "harma-tiny"
     assert info["towers"] == {"text": "traced", "image": "traced"}
     spec = requests.get(url + "openapi.json", timeout=30).json()

@@ -55,6 +55,19 @@ def test_rank_sweep_stops_a_trial_early_and_writes_its_summary(ray_cluster, prep
     best = load_config(summary / "best.yaml")
     assert best.tune is None and best.model.adapter.rank == result.best.rank
     assert (summary / "best.yaml").read_text().startswith("# harma train --config")
+    # MLflow (the session's store, conftest): the sweep is a parent run, each trial a child of it
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    parent = [r for r in runs if r.info.run_name == "ranks"]
+    assert len(parent) == 1 and parent[0].data.tags["harma.best_checkpoint"] == result.best.checkpoint
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
+    assert sorted(r.data.params["model.adapter.rank"] for r in children) == ["16", "4", "8"]
+    assert {a.path for a in client.list_artifacts(parent[0].info.run_id, "summary")} >= {"summary/table.txt",
+                                                                                       "summary/best.yaml"}
 
 
 def _kill_processes_of(ray_tmp: str) -> None:

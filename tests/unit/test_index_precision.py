@@ -63,7 +63,7 @@ def test_a_bf16_index_records_its_measured_cost_against_fp32(setup):
     ref = QueryEncoder(ckpt, "cpu", trace=False)
     ref_images, ref_texts, *_ = _index_arrays(ref, store)
     low, high = np.argsort(-(texts @ images.T), axis=1)[:, :k], np.argsort(-(ref_texts @ ref_images.T), axis=1)[:, :k]
-    assert cost["top_k_overlap"] == pytest.approx(np.mean([len(set(a) & set(b)) / k for a, b in zip(low, high)]))
+    assert cost["top_k_overlap"] == pytest.approx(np.mean([len(set(a) & set(b)) / k for a, b in zip(low, high, strict=True)]))
 
 
 def test_an_index_in_the_validated_numerics_has_no_cost_to_report(setup):
