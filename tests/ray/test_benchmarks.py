@@ -19,6 +19,7 @@ KEYS = {
     "train_step.py": ("bare_pairs_per_s", "runs"),
     "serve_latency.py": ("overhead_p50_ms", "throughput_ratio", "direct_batched_qps"),
     "paper_table.py": ("variants", "verdict"),
+    "batch_composition.py": ("rows", "train_images"),
 }
 
 

@@ -164,15 +164,13 @@ def plan_steps(cfg: PlatformConfig, pairs: int) -> tuple[int, int]:
     return cfg.train.steps, math.ceil(cfg.train.steps / per_epoch)
 
 
-def fit(cfg: PlatformConfig, callbacks: list | None = None, evaluate_test: bool = True,
-        tracking_parent: dict | None = None) -> FitResult:
+def fit(cfg: PlatformConfig, callbacks: list | None = None, evaluate_test: bool = True) -> FitResult:
     """Train with Ray Train + DeepSpeed; resume the run of the same name if it exists.
 
     Args:
         cfg: the job's config (needs model, data with prepared_uri, train).
         callbacks: Ray Train user callbacks (a Tune trial passes `TuneReportCallback`).
         evaluate_test: score the best-on-val checkpoint on the test split at the end.
-        tracking_parent: the sweep's MLflow run (`RunTracker.ref()`): this run is its child.
     """
     t0 = time.perf_counter()
     cfg = with_absolute_paths(cfg)
@@ -242,16 +240,15 @@ def fit(cfg: PlatformConfig, callbacks: list | None = None, evaluate_test: bool 
         startup_wait_seconds=summary.get("startup_wait_seconds", 0.0), best_source=best.uri,
         test_official=test_report.get("metrics_official", {}), test_per_class=test_report.get("per_class"))
     files = write_run_report(fit_result, final_meta["history"], cfg)
-    _track(cfg, run_dir, fit_result, final_meta["history"], files, tracking_parent)
+    _track(cfg, run_dir, fit_result, final_meta["history"], files)
     return fit_result
 
 
-def _track(cfg: PlatformConfig, run_dir: str, result: FitResult, history: list[dict], files: dict[str, bytes],
-           parent: dict | None) -> None:
+def _track(cfg: PlatformConfig, run_dir: str, result: FitResult, history: list[dict], files: dict[str, bytes]) -> None:
     """The run in MLflow (harma.tracking; never fails the run): config, history, report, best URI."""
     from harma import tracking
 
-    with tracking.start_run(cfg.to_dict(), run_dir, cfg.run.name, parent=parent, enabled=cfg.run.track) as run:
+    with tracking.start_run(cfg.to_dict(), run_dir, cfg.run.name, enabled=cfg.run.track) as run:
         run.log_history(history)
         run.log_report(files)
         final = {**{f"best_val_{k}": v for k, v in result.best_val.items()},

@@ -114,6 +114,16 @@ def train_worker(loop_config: dict) -> dict:
         if rank == 0:
             log.info("[harma] resumed at step %d (epoch %d) on %d worker(s) from %s; %d step(s) will "
                      "be redone", trainer.global_step, start_epoch, world, chosen[0], redone)
+        if start_epoch >= epochs or trainer.global_step >= total_steps:
+            # Nothing left to train (the run ended, but its end was not recorded, e.g. a sweep whose
+            # driver died after this trial's last checkpoint): report its last figures again, so a
+            # Tune trial still ends with its metric; every rank reports (a barrier).
+            final = {k: v for k, v in saved.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+            ray.train.report(final if rank == 0 else {})
+            return {"steps": trainer.global_step, "best_val": best_val, "bad_images": bad_images,
+                    "restarts": restarts, "world_size": world, "nodes": nodes, "loop_seconds": 0.0,
+                    "input_wait_seconds": 0.0, "pairs_per_worker": 0, "device": str(device),
+                    "startup_wait_seconds": 0.0}
 
     # --- validation data (rank 0 evaluates; ZeRO <= 2 keeps full weights on every rank) --------
     val = None

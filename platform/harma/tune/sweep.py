@@ -69,13 +69,32 @@ def _trial_config(base: PlatformConfig, overrides: dict, trials_dir: str) -> Pla
                                 "run.output_dir": trials_dir, "tune": None})
 
 
-def run_trial(config: dict, base: dict, trials_dir: str, tracking_parent: dict | None = None) -> None:
-    """The Tune trainable: one training run with this trial's values (a child MLflow run of the
-    sweep's, when tracked)."""
+def run_trial(config: dict, base: dict, trials_dir: str) -> None:
+    """The Tune trainable: one training run with this trial's values.
+
+    Not tracked here: Tune ends a trial's process once its last epoch is reported (or ASHA stops
+    it), before `fit` gets past training; the sweep logs every trial as a child run at its end.
+    """
     from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg = _trial_config(PlatformConfig.model_validate(base), config["overrides"], trials_dir)
-    fit(cfg, callbacks=[TuneReportCallback()], evaluate_test=False, tracking_parent=tracking_parent)
+    fit(cfg.with_overrides({"run.track": False}), callbacks=[TuneReportCallback()], evaluate_test=False)
+
+
+def track_trials(tracker, cfg: PlatformConfig, rows: list[TrialRow], trials_dir: str) -> None:
+    """Each trial as a child MLflow run of the sweep's: its config, its epochs' history (from its
+    best checkpoint), its figures and its best checkpoint's URI."""
+    from harma import tracking
+    from harma.model.checkpoint import read_metrics
+
+    for row in rows:
+        trial_cfg = _trial_config(cfg, row.overrides, trials_dir)
+        child = tracking.start_run(trial_cfg.to_dict(), storage.join(trials_dir, row.trial), row.trial,
+                                   parent=tracker, enabled=cfg.run.track)
+        child.log_history(read_metrics(row.checkpoint).get("history", []))
+        child.finish(row.checkpoint, {"best_val_mr": row.val_mr, "best_test_mr": row.test_mr,
+                                      "epochs": row.epochs, "stopped_early": float(row.stopped_early),
+                                      "trainable_params": row.trainable_params})
 
 
 def _name_of(trial) -> str:
@@ -100,8 +119,7 @@ def sweep(cfg: PlatformConfig) -> SweepResult:
 
     tracker = tracking.start_run(cfg.to_dict(), sweep_dir, cfg.run.name, kind="sweep", enabled=cfg.run.track)
     trainable = ray.tune.with_resources(
-        partial(run_trial, base=cfg.to_dict(), trials_dir=trials_dir, tracking_parent=tracker.ref()),
-        {"cpu": tune_cfg.trial_cpus})
+        partial(run_trial, base=cfg.to_dict(), trials_dir=trials_dir), {"cpu": tune_cfg.trial_cpus})
     exp_path = storage.resolve(sweep_dir)[1]
     if ray.tune.Tuner.can_restore(exp_path, storage_filesystem=fs_arg):
         log.info("resuming sweep %s: finished trials are kept", exp_path)
@@ -137,6 +155,7 @@ def sweep(cfg: PlatformConfig) -> SweepResult:
         raise RuntimeError(f"no trial of sweep {cfg.run.name} produced a checkpoint")
     best = max(rows, key=lambda r: r.val_mr if tune_cfg.mode == "max" else -r.val_mr)
     best_path = write_summary(cfg, rows, best, sweep_dir)
+    track_trials(tracker, cfg, rows, trials_dir)
     summary = storage.join(sweep_dir, "summary")
     tracker.log_report({name: storage.join(summary, name) for name in
                         ("table.txt", "table.json", "val_mr_vs_params.png", "best.yaml")}, "summary")
