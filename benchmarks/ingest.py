@@ -5,7 +5,7 @@ doing the same work (decode each image once, resize it once per caption).
 
 Both sides decode the same prepared Parquet shards (local object-storage folder) and resize to the
 model's input size, as uint8 (the training pipeline ships uint8 and normalises on the device), one
-output per caption (5 per image). Bare: one process, one core, a plain loop. Ray Data: the training
+output per caption (5 per image), captions tokenised. Bare: one process, one core, a plain loop. Ray Data: the training
 stream's path (harma.data.datasets.image_stream of emit_pairs: a task per shard reads it, emits its
 pairs in a uniformly random order, decoding each image at its first pair and keeping it to its
 last, PAIRS_PER_CHUNK pairs per output) with a resize in place of the training augmentation, over
@@ -26,9 +26,12 @@ import pyarrow.parquet as pq
 
 
 def bare_rate(files: list[str], size: int) -> tuple[float, int]:
-    """Pairs/s of a plain loop: each image decoded once, resized once per caption."""
-    from harma.data.transforms import decode_image, eval_uint8
+    """Pairs/s of a plain loop doing the stream's work: each image decoded once, resized once per
+    caption, its captions tokenised (CLIP BPE, 77 tokens)."""
+    from harma.data.tokenizer import ClipTokenizer
+    from harma.data.transforms import decode_image, eval_uint8, tokenize
 
+    tokenizer = ClipTokenizer(77)
     t0 = time.perf_counter()
     n = 0
     for f in files:
@@ -39,6 +42,7 @@ def bare_rate(files: list[str], size: int) -> tuple[float, int]:
             for _ in captions:
                 eval_uint8(img, size)
                 n += 1
+            tokenize([str(c) for c in captions], tokenizer, 30)
     return n / (time.perf_counter() - t0), n
 
 

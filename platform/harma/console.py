@@ -23,9 +23,10 @@ RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
 
 
 def quiet_ray_loggers(level: int = logging.WARNING) -> None:
-    """Ray's own Python loggers in this process at `level` (their INFO lines: Ray's log files)."""
+    """Ray's own Python loggers in this process at `level` (their INFO lines: Ray's log files);
+    Ray Data's at ERROR (its warnings here are notices such as 'Progress bars disabled')."""
     for name in RAY_LOGGERS:
-        logging.getLogger(name).setLevel(level)
+        logging.getLogger(name).setLevel(max(level, logging.ERROR) if name == "ray.data" else level)
 
 
 class _QueueHandler(logging.Handler):

@@ -112,6 +112,7 @@ def serve_demo(checkpoint: str, store: str, out: str, port: int, keep_serving: b
 
     import ray
     from harma.config import IndexConfig
+    from harma.console import quiet_ray_loggers
     from harma.model.checkpoint import copy_checkpoint
     from harma.serve.app import build_app
     from harma.serve.build import build_index
@@ -122,6 +123,7 @@ def serve_demo(checkpoint: str, store: str, out: str, port: int, keep_serving: b
                                        output_uri=index_uri), progress=log.info)
     port = _free_port(port)
     ray.serve.start(http_options={"host": "127.0.0.1", "port": port})
+    quiet_ray_loggers()  # Serve set its logger to INFO as it started: its lines go to Ray's log files
     ray.serve.run(build_app({"checkpoint_uri": storage.absolute(model_uri),
                              "index_uri": storage.absolute(index_uri)}), name="harma", route_prefix="/")
     url = f"http://127.0.0.1:{port}/"
