@@ -179,9 +179,8 @@ def _report_eval(result: dict, out: str | None) -> int:
 
 def _eval_job(args: argparse.Namespace) -> int:
     """`harma eval --config FILE`: the eval: section against prepared shards (a Ray-free job)."""
-    from harma.data.prepared import load_prepared_split
-    from harma.model.checkpoint import load_checkpoint, read_checkpoint_config, require_checkpoint
-    from harma.train.evaluate import evaluate_split
+    from harma.model.checkpoint import read_checkpoint_config, require_checkpoint
+    from harma.train.evaluate import evaluate_prepared
 
     cfg = load_config(args.config, args.overrides)
     if cfg.eval is None:
@@ -191,11 +190,9 @@ def _eval_job(args: argparse.Namespace) -> int:
     prepared = job.prepared_uri or read_checkpoint_config(job.checkpoint_uri).data.prepared_uri
     if not prepared:
         raise ConfigError("eval.prepared_uri is not set and the checkpoint's config has no data.prepared_uri")
-    model, ckpt_cfg = load_checkpoint(job.checkpoint_uri)
-    split = load_prepared_split(prepared, job.split)
-    report = evaluate_split(model, split, ckpt_cfg.data.max_words, ckpt_cfg.train.eval_batch_size)
-    return _report_eval({"checkpoint": job.checkpoint_uri, "data": prepared, "split": job.split,
-                         "images": len(split.images), "captions": len(split), **report}, job.out)
+    report = evaluate_prepared(job.checkpoint_uri, prepared, job.split)
+    return _report_eval({"checkpoint": job.checkpoint_uri, "data": prepared, "split": job.split, **report},
+                        job.out)
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:

@@ -28,10 +28,18 @@ def read_report(prepared_uri: str) -> dict:
 
 
 def captions_per_image(prepared_uri: str, split: str) -> list[int]:
-    """Each image's caption count, from the shards' captions column (no image bytes read)."""
+    """Each image's caption count, from the shards' captions column alone: the file is read by
+    range (its footer and that column chunk), not fetched whole as `storage.read_table` does, so
+    the driver does not download a split's images to count its captions."""
+    import pyarrow.parquet as pq
+
     counts: list[int] = []
     for uri in split_files(prepared_uri, split):
-        table = storage.read_table(uri, columns=["captions"])
+        fs, path = storage.resolve(uri)
+        try:
+            table = pq.read_table(path, filesystem=fs, columns=["captions"])
+        except OSError as err:
+            raise storage.StorageError(f"{uri}: cannot read ({str(err).splitlines()[0][:200]})") from None
         counts.extend(len(c) for c in table.column("captions").to_pylist())
     return counts
 

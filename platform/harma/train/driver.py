@@ -29,12 +29,12 @@ from harma.config import PlatformConfig
 from harma.console import WorkerLogRelay, quiet_ray_loggers
 from harma.data.composition import uniform_same_image_share
 from harma.data.datasets import FOOTER_ACTORS, FOOTER_ACTORS_VAR, STREAM_CPUS, build_train_dataset
-from harma.data.prepared import captions_per_image, count_captions, load_prepared_split, read_report
+from harma.data.prepared import captions_per_image, count_captions, read_report
 from harma.eval import format_table
 from harma.model.backbone import arch_info
-from harma.model.checkpoint import copy_checkpoint, load_checkpoint
+from harma.model.checkpoint import copy_checkpoint
 from harma.serve.build import READ_CPUS as INDEX_READ_CPUS
-from harma.train.evaluate import evaluate_split
+from harma.train.evaluate import evaluate_prepared
 from harma.train.loop import train_worker
 from harma.train.stored import best_on_val, stored_checkpoints
 
@@ -259,16 +259,8 @@ def _track(cfg: PlatformConfig, run_dir: str, result: FitResult, history: list[d
 
 def evaluate_checkpoint(checkpoint_uri: str, prepared_uri: str, split: str) -> dict[str, float]:
     """A checkpoint's scores on a prepared split, exactly as `harma eval` computes them (the
-    pessimistic-ties metrics of `harma.train.evaluate.evaluate_split`)."""
-    return evaluate_checkpoint_report(checkpoint_uri, prepared_uri, split)["metrics"]
-
-
-def evaluate_checkpoint_report(checkpoint_uri: str, prepared_uri: str, split: str, device: str = "cpu") -> dict:
-    """`harma eval`'s whole report (both tie protocols, per class) of a checkpoint on a split, in the
-    numerics that validated it (`load_checkpoint`'s default), on `device`."""
-    model, cfg = load_checkpoint(checkpoint_uri)
-    data = load_prepared_split(prepared_uri, split)
-    return evaluate_split(model.to(device), data, cfg.data.max_words, cfg.train.eval_batch_size)
+    pessimistic-ties metrics of `harma.train.evaluate.evaluate_prepared`)."""
+    return evaluate_prepared(checkpoint_uri, prepared_uri, split)["metrics"]
 
 
 def evaluate_where_trained(cfg: PlatformConfig, checkpoint_uri: str) -> dict:
@@ -276,7 +268,7 @@ def evaluate_where_trained(cfg: PlatformConfig, checkpoint_uri: str) -> dict:
     resources (its GPU on a GPU cluster; the driver's head node may have no CPUs for work)."""
     workers = cfg.train.workers
     task = ray.remote(num_cpus=workers.cpus_per_worker, num_gpus=1 if workers.use_gpu else 0,
-                      runtime_env={"env_vars": worker_env()})(evaluate_checkpoint_report)
+                      runtime_env={"env_vars": worker_env()})(evaluate_prepared)
     device = "cuda" if workers.use_gpu else "cpu"
     return ray.get(task.remote(checkpoint_uri, cfg.data.prepared_uri, cfg.data.test_split, device))
 

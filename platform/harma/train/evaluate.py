@@ -51,3 +51,17 @@ def evaluate_split(model: HarmaModel, split: Split, max_words: int, batch_size: 
     images, tokens = eval_arrays(split, model.arch.image_size, build_tokenizer(model.arch.name), max_words)
     image_emb, text_emb = embed_split(model, images, tokens, batch_size)
     return evaluation_report(image_emb @ text_emb.T, split.caption_image, split.labels, split.image_keys)
+
+
+def evaluate_prepared(checkpoint_uri: str, prepared_uri: str, split: str, device: str = "cpu") -> dict:
+    """`harma eval`'s report of a checkpoint on a prepared split, in the numerics that validated it
+    (`load_checkpoint`'s default), on `device`: `evaluate_split`'s report plus the split's "images"
+    and "captions" counts. The one function behind `harma eval --config` and a run's final test,
+    so the two agree exactly."""
+    from harma.data.prepared import load_prepared_split
+    from harma.model.checkpoint import load_checkpoint
+
+    model, cfg = load_checkpoint(checkpoint_uri)
+    data = load_prepared_split(prepared_uri, split)
+    report = evaluate_split(model.to(device), data, cfg.data.max_words, cfg.train.eval_batch_size)
+    return {"images": len(data.images), "captions": len(data), **report}

@@ -93,6 +93,16 @@ def train_worker(loop_config: dict) -> dict:
 
     # --- resume --------------------------------------------------------------------------------
     history: list[dict] = []
+    loop_seconds, pairs_seen = 0.0, 0
+    input_wait = InputWaitMeter()
+
+    def summary() -> dict:  # rank 0's summary for the driver, as things stand when called
+        return {"steps": trainer.global_step, "best_val": best_val, "bad_images": bad_images,
+                "restarts": restarts, "world_size": world, "nodes": nodes,
+                "loop_seconds": loop_seconds, "input_wait_seconds": input_wait.total_wait_s,
+                "pairs_per_worker": pairs_seen, "device": str(device),
+                "startup_wait_seconds": input_wait.startup_wait_s}
+
     bad_images: list[str] = []
     restarts: list[dict] = []
     start_epoch, best_val = 0, None
@@ -120,10 +130,7 @@ def train_worker(loop_config: dict) -> dict:
             # Tune trial still ends with its metric; every rank reports (a barrier).
             final = {k: v for k, v in saved.items() if isinstance(v, int | float) and not isinstance(v, bool)}
             ray.train.report(final if rank == 0 else {})
-            return {"steps": trainer.global_step, "best_val": best_val, "bad_images": bad_images,
-                    "restarts": restarts, "world_size": world, "nodes": nodes, "loop_seconds": 0.0,
-                    "input_wait_seconds": 0.0, "pairs_per_worker": 0, "device": str(device),
-                    "startup_wait_seconds": 0.0}
+            return summary()
 
     # --- validation data (rank 0 evaluates; ZeRO <= 2 keeps full weights on every rank) --------
     val = None
@@ -139,8 +146,6 @@ def train_worker(loop_config: dict) -> dict:
         local_shuffle_buffer_size=max(4 * micro_batch, cfg.data.shuffle_buffer_pairs), prefetch_batches=2,
         local_shuffle_seed=(cfg.run.seed + epoch) if cfg.data.deterministic else None))
     t_start, steps_at_start = time.perf_counter(), trainer.global_step
-    loop_seconds, pairs_seen = 0.0, 0
-    input_wait = InputWaitMeter()
     for epoch in range(start_epoch, epochs):
         last: dict = {}
         shares: list[float] = []  # each global batch's same-image share (harma.data.composition)
@@ -201,10 +206,7 @@ def train_worker(loop_config: dict) -> dict:
             ray.train.report(metrics if rank == 0 else {}, checkpoint=ckpt)
         if trainer.global_step >= total_steps:
             break
-    return {"steps": trainer.global_step, "best_val": best_val, "bad_images": bad_images,
-            "restarts": restarts, "world_size": world, "nodes": nodes,
-            "loop_seconds": loop_seconds, "input_wait_seconds": input_wait.total_wait_s,
-            "pairs_per_worker": pairs_seen, "device": str(device), "startup_wait_seconds": input_wait.startup_wait_s}
+    return summary()
 
 
 def _read_resume_state(uri: str) -> tuple[dict[str, torch.Tensor], dict]:
