@@ -8,9 +8,11 @@ pairs (the paper code's sampler), whose expectation is exact (harma.data.composi
 Generated images (70 % of them in the train split) are prepared into shards of `--shard-images`
 and streamed by `harma.data.datasets.build_train_dataset` on a local Ray of 8 logical CPUs (as the
 Ray tests run it); batches are drawn as a worker draws them (`iter_batches` with a local shuffle
-buffer). Three ways: the former stream (`image_grouped`, buffer of 4 batches), the uniform pair
-order with the same small buffer, and the uniform pair order with the default
-`data.shuffle_buffer_pairs`. The closer to the expectation, the closer to the paper's batches; the
+buffer). Four ways: the former stream (`image_grouped`, buffer of 4 batches), the uniform pair
+order with the same small buffer, the uniform pair order with the default
+`data.shuffle_buffer_pairs` and one task per image (`data.image_visits: 1`), and the default
+(`image_visits: auto`: once the split outgrows the buffer, an image's captions dealt to as many
+tasks). The closer to the expectation, the closer to the paper's batches; the
 ceiling is the expectation itself.
 """
 
@@ -24,12 +26,13 @@ import tempfile
 import numpy as np
 
 
-def measure(prepared: str, batch: int, mode: str, buffer: int, epochs: int) -> float:
+def measure(prepared: str, batch: int, mode: str, buffer: int, epochs: int, visits: int | str) -> float:
     from harma.config import DataConfig
     from harma.data.composition import same_image_share
     from harma.data.datasets import build_train_dataset
 
-    ds = build_train_dataset(DataConfig(prepared_uri=prepared, batch_composition=mode), 32, 16)
+    data = DataConfig(prepared_uri=prepared, batch_composition=mode, shuffle_buffer_pairs=buffer, image_visits=visits)
+    ds = build_train_dataset(data, 32, 16)
     shares = [same_image_share(b["image_id"]) for _ in range(epochs)
               for b in ds.iter_batches(batch_size=batch, batch_format="numpy", drop_last=True,
                                        local_shuffle_buffer_size=buffer)]
@@ -51,6 +54,7 @@ def main() -> None:
     import ray
     from harma.config import DataConfig
     from harma.data.composition import uniform_same_image_share
+    from harma.data.datasets import image_visits
     from harma.data.prepare import prepare_dataset
     from harma.data.prepared import captions_per_image
     from harma.data.synth import synthesize
@@ -66,20 +70,23 @@ def main() -> None:
             counts = captions_per_image(f"{tmp}/store", "train")
             for batch in args.batch:
                 row = {"batch": batch, "uniform_expectation": uniform_same_image_share(counts, batch)}
-                for name, mode, buf in (("image_grouped", "image_grouped", 4 * batch),
-                                        ("uniform_small_buffer", "uniform", 4 * batch),
-                                        ("uniform", "uniform", buffer)):
-                    row[name] = measure(f"{tmp}/store", batch, mode, buf, args.epochs)
+                for name, mode, buf, visits in (("image_grouped", "image_grouped", 4 * batch, 1),
+                                                ("uniform_small_buffer", "uniform", 4 * batch, 1),
+                                                ("uniform_one_visit", "uniform", buffer, 1),
+                                                ("uniform", "uniform", buffer, "auto")):
+                    row[name] = measure(f"{tmp}/store", batch, mode, buf, args.epochs, visits)
+                row["image_visits"] = image_visits(counts, buffer)
                 rows.append(row)
     finally:
         ray.shutdown()
     print(f"{len(counts)} train images, shards of {args.shard_images}, {args.epochs} epoch(s); share of samples "
           "with a same-image caption in their batch")
     print(f"{'batch':>6}{'uniform sampling':>18}{'image_grouped':>15}{'uniform, 4-batch buffer':>25}"
-          f"{f'uniform, {buffer} buffer':>22}")
+          f"{f'{buffer} buffer, 1 visit':>22}{f'{buffer} buffer, auto visits':>28}")
     for r in rows:
         print(f"{r['batch']:>6}{r['uniform_expectation']:>18.3f}{r['image_grouped']:>15.3f}"
-              f"{r['uniform_small_buffer']:>25.3f}{r['uniform']:>22.3f}")
+              f"{r['uniform_small_buffer']:>25.3f}{r['uniform_one_visit']:>22.3f}"
+              f"{r['uniform']:>20.3f} ({r['image_visits']})")
     result = {"train_images": len(counts), "shard_images": args.shard_images, "epochs": args.epochs,
               "shuffle_buffer_pairs": buffer, "rows": rows, "smoke": args.smoke}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

@@ -18,7 +18,7 @@ import difflib
 import re
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -158,6 +158,16 @@ class DataConfig(_Section):
         description="Ray path: each worker draws its batches at random from this many streamed "
         "pairs (at least 4 micro-batches), mixing the stream tasks' outputs pair by pair; it "
         "holds that many decoded pairs (2048 x 224 px: ~300 MB).",
+    )
+    image_visits: Literal["auto"] | Annotated[int, Field(ge=1)] = Field(
+        "auto",
+        description="Ray path: how many stream tasks of an epoch take a part of each image's "
+        "captions (each task decodes the image again). 1: one task emits all of an image's pairs, "
+        "uniform only while a worker's shuffle buffer holds the split; the number of captions: one "
+        "caption an image per task, so an image's captions reach the workers at independent times "
+        "and batches stay uniform at any split size, at one decode and one shard read per caption. "
+        "'auto': 1 when the train split's pairs fit in shuffle_buffer_pairs, else the most "
+        "captions an image has.",
     )
     train_split: str = "train"
     val_split: str = "val"

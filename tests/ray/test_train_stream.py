@@ -130,3 +130,22 @@ def test_the_stream_batches_match_uniform_sampling_of_pairs(ray_cluster, mixing_
     assert len(shares) == 6 * (sum(counts) // batch)
     assert abs(np.mean(shares) - expected) <= 0.02
     assert np.mean(before) > expected + 0.15
+
+
+def test_batches_stay_uniform_when_the_split_outgrows_the_shuffle_buffer(ray_cluster, mixing_shards):
+    """A buffer of 64 pairs against a split of 700: as a 2,048-pair buffer against a split of
+    22,000 (RSICD's). One task per image emitting all its pairs puts siblings together; auto
+    `image_visits` (5 here) deals an image's captions to 5 tasks and keeps batches uniform."""
+    from harma.data.composition import uniform_same_image_share
+    from harma.data.prepared import captions_per_image
+
+    batch, buffer = 16, 64
+    expected = uniform_same_image_share(captions_per_image(mixing_shards, "train"), batch)  # 8.3 %
+    auto = DataConfig(prepared_uri=mixing_shards, shuffle_buffer_pairs=buffer)
+    once = DataConfig(prepared_uri=mixing_shards, shuffle_buffer_pairs=buffer, image_visits=1)
+    spread = _batch_shares(build_train_dataset(auto, 32, 16), batch, buffer, 6)
+    single = _batch_shares(build_train_dataset(once, 32, 16), batch, buffer, 3)
+    print(f"buffer {buffer}: uniform expectation {expected:.3f}, 5 visits {np.mean(spread):.3f}, "
+          f"1 visit {np.mean(single):.3f}")
+    assert abs(np.mean(spread) - expected) <= 0.02
+    assert np.mean(single) > expected + 0.1

@@ -13,7 +13,7 @@ from PIL import Image
 
 from harma.config import AugmentConfig
 from harma.data.composition import pair_order, same_image_share, uniform_same_image_share
-from harma.data.datasets import emit_pairs
+from harma.data.datasets import emit_pairs, image_visits
 from harma.data.local import Split, train_batches
 from harma.data.tokenizer import ClipTokenizer
 
@@ -102,6 +102,34 @@ def test_an_undecodable_image_is_one_flagged_row_and_its_other_pairs_are_skipped
     flagged = pairs["image_id"] == -1
     assert flagged.sum() == 1 and pairs["bad_key"][flagged].tolist() == ["2.png"]
     assert sorted(pairs["image_id"][~flagged].tolist()) == sorted([100, 101, 103, 104, 105] * 5)
+
+
+def test_the_visits_of_a_task_share_out_every_pair_once_and_an_image_at_most_once_each():
+    rows = _rows(20, captions=5)
+    visits = [_emit(rows, seed=v, visit=v, visits=5)[1] for v in range(5)]
+    pairs = sorted((int(i), str(t)) for p in visits for i, t in zip(p["image_id"], map(bytes, p["tokens"]), strict=True))
+    whole = sorted((int(i), str(t)) for i, t in zip(_emit(rows)[1]["image_id"], map(bytes, _emit(rows)[1]["tokens"]),
+                                                      strict=True))
+    assert pairs == whole  # every (image, caption) once over the visits
+    for p in visits:  # 5 captions, 5 visits: each image once per visit, with its own pixels
+        assert sorted(p["image_id"].tolist()) == list(range(100, 120))
+        assert (p["pixels"][:, 0, 0, 0] == p["image_id"] - 100).all()
+    # 7 captions over 3 visits: 3, 2, 2 (or a rotation) of each image's captions per visit
+    seven = _rows(4, captions=7)
+    per_visit = [np.bincount(_emit(seven, visit=v, visits=3)[1]["image_id"] - 100, minlength=4) for v in range(3)]
+    assert all(sorted(col) == [2, 2, 3] for col in np.array(per_visit).T)
+
+
+def test_an_undecodable_image_is_flagged_once_over_all_its_visits():
+    flagged = [(p["bad_key"] == "2.png").sum() for p in (_emit(_rows(6, bad=(2,)), visit=v, visits=5)[1]
+                                                         for v in range(5))]
+    assert sum(flagged) == 1
+
+
+def test_auto_visits_are_one_while_the_buffer_holds_the_split_else_the_most_captions():
+    assert image_visits([5] * 400, 2048) == 1  # 2,000 pairs fit
+    assert image_visits([5] * 410, 2048) == 5
+    assert image_visits([5, 7, 3] * 200, 2048) == 7
 
 
 def _mean_share(ids: np.ndarray, batch: int) -> float:

@@ -85,6 +85,7 @@ NOT_RECIPE = (
     "data.root", "data.prepared_uri", "data.max_bad_fraction",
     "data.deterministic",          # the official runs are not reproducible either (3)
     "data.shuffle_buffer_pairs",   # the stream's mixing buffer (how batches reach uniform sampling)
+    "data.image_visits",           # tasks per image an epoch (how batches stay uniform at any split size)
     "run.track",                   # experiment tracking (MLflow)
     "train.steps",                 # unused when train.epochs is set
     "train.eval_every",            # local loop only; the Ray path validates once per epoch

@@ -35,13 +35,25 @@ def test_plan_splits_shards_only_when_they_are_fewer_than_the_cluster_keeps_busy
     units = plan_units(["a", "b"], 4)
     assert [(u["path"], u["part"], u["parts"]) for u in units] == \
         [("a", 0, 4), ("a", 1, 4), ("a", 2, 4), ("a", 3, 4), ("b", 0, 4), ("b", 1, 4), ("b", 2, 4), ("b", 3, 4)]
+    assert {(u["visit"], u["visits"]) for u in units} == {(0, 1)}
     # enough shards: each read once, whole
-    assert plan_units([f"s{i}" for i in range(20)], 4) == [{"path": f"s{i}", "part": 0, "parts": 1} for i in range(20)]
+    assert plan_units([f"s{i}" for i in range(20)], 4) == [
+        {"path": f"s{i}", "part": 0, "parts": 1, "visit": 0, "visits": 1} for i in range(20)]
     # 3 shards, 4 CPUs: ceil(8 / 3) = 3 parts
     assert {u["parts"] for u in plan_units(["a", "b", "c"], 4)} == {3}
     # one shard on a large cluster: the extra whole-shard reads are bounded
     assert len(plan_units(["a"], 256)) == MAX_PARTS_PER_SHARD
-    assert plan_units(["a"], 0) == [{"path": "a", "part": 0, "parts": 1}]
+    assert plan_units(["a"], 0) == [{"path": "a", "part": 0, "parts": 1, "visit": 0, "visits": 1}]
+
+
+def test_visits_are_tasks_of_their_own_and_count_towards_keeping_the_cluster_busy():
+    # 2 shards, 4 CPUs, 5 visits: 10 tasks already >= 8 wanted, so no shard is cut
+    units = plan_units(["a", "b"], 4, visits=5)
+    assert [(u["path"], u["part"], u["visit"]) for u in units] == [("a", 0, v) for v in range(5)] + \
+        [("b", 0, v) for v in range(5)]
+    assert {u["visits"] for u in units} == {5}
+    # 1 shard, 8 CPUs, 2 visits: ceil(16 / 2) = 8 parts, each visited twice
+    assert len(plan_units(["a"], 8, visits=2)) == 16
 
 
 def test_the_parts_of_a_shard_cover_every_image_once_each_a_contiguous_range(shard):
@@ -65,7 +77,8 @@ def test_a_task_hands_on_its_rows_every_chunk_of_images(shard):
         return {"image_id": batch["image_id"], "caption": np.array([c[0] for c in batch["captions"]]),
                 "tag": np.full(len(batch["image_id"]), tag)}
 
-    units = {"path": np.array([shard, shard]), "part": np.array([0, 1]), "parts": np.array([2, 2])}
+    units = {"path": np.array([shard, shard]), "part": np.array([0, 1]), "parts": np.array([2, 2]),
+             "visit": np.array([0, 0]), "visits": np.array([1, 1])}
     outputs = list(stream_units(units, pafs.LocalFileSystem(), image_chunks,
                                 {"transform": transform, "transform_kwargs": {"tag": 5}, "images_per_chunk": 8}))
     # 20 images per part: chunks of 8, 8, 4, for each of the two units
@@ -75,3 +88,17 @@ def test_a_task_hands_on_its_rows_every_chunk_of_images(shard):
     assert all(o["caption"].tolist() == [f"caption {i}" for i in o["image_id"]] for o in outputs)
     assert all((o["tag"] == 5).all() for o in outputs)
     assert seen[0] == ["captions", "image", "image_id", "image_key"]  # the stream's columns only
+
+
+def test_a_unit_that_is_one_of_several_visits_gets_its_visit(shard):
+    got = []
+
+    def unit_fn(rows, rng, **kwargs):
+        got.append(kwargs)
+        yield {"n": np.array([rows.num_rows])}
+
+    units = {"path": np.array([shard] * 3), "part": np.array([0] * 3), "parts": np.array([1] * 3),
+             "visit": np.array([0, 1, 2]), "visits": np.array([3] * 3)}
+    outputs = list(stream_units(units, pafs.LocalFileSystem(), unit_fn, {"k": 1}))
+    assert got == [{"k": 1, "visit": v, "visits": 3} for v in range(3)]
+    assert [int(o["n"][0]) for o in outputs] == [40, 40, 40]  # each visit reads the whole part

@@ -45,7 +45,7 @@ import ray
 from harma import storage
 from harma.config import AugmentConfig, DataConfig
 from harma.data.composition import pair_order
-from harma.data.prepared import split_files
+from harma.data.prepared import captions_per_image, split_files
 from harma.data.tokenizer import ClipTokenizer
 from harma.data.transforms import augment_image, decode_image, to_uint8, tokenize
 
@@ -127,22 +127,25 @@ def _nbytes(img: Image.Image) -> int:
 def emit_pairs(
     rows: pa.Table, rng: random.Random, pixels: Callable[[Image.Image, random.Random], np.ndarray],
     context_length: int, max_words: int, grouped: bool = False, pairs_per_chunk: int = PAIRS_PER_CHUNK,
-    decoded_bytes: int = DECODED_BYTES,
+    decoded_bytes: int = DECODED_BYTES, visit: int = 0, visits: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Unit function of the training stream: a task's image rows -> (pixels, tokens, image_id,
-    bad_key) of their (image, caption) pairs, in `pair_order` (uniformly random unless `grouped`),
-    `pairs_per_chunk` at a time.
+    bad_key) of their (image, caption) pairs of visit `visit` of `visits` (`caption_visit`), in
+    `pair_order` (uniformly random unless `grouped`), `pairs_per_chunk` at a time.
 
     `pixels(img, rng)` makes one pair's uint8 (3, size, size) pixels. An undecodable image gives one
-    row with image_id -1, zero pixels and its key in bad_key (at its first pair; its other pairs
-    are skipped).
+    row with image_id -1, zero pixels and its key in bad_key, once per epoch: in the visit of its
+    first caption, at its first pair there (its other pairs are skipped).
     """
     captions = rows.column("captions").to_pylist()
     keys, ids = rows.column("image_key").to_pylist(), rows.column("image_id").to_pylist()
-    left = [len(c) for c in captions]
+    mine = [[c for c in range(len(caps)) if caption_visit(int(i), c, visits) == visit]
+            for caps, i in zip(captions, ids, strict=True)]
+    left = [len(m) for m in mine]
     decoded, bad = _DecodedImages(rows.column("image"), decoded_bytes), set()
     chunk: list[tuple[np.ndarray | None, str, int, str]] = []
-    for row, c in pair_order(left, rng, grouped):
+    for row, j in pair_order(left.copy(), rng, grouped):
+        c = mine[row][j]
         left[row] -= 1
         if row in bad:
             continue
@@ -150,7 +153,8 @@ def emit_pairs(
             chunk.append((pixels(decoded.get(row), rng), str(captions[row][c]), int(ids[row]), ""))
         except (OSError, ValueError):
             bad.add(row)
-            chunk.append((None, "", -1, str(keys[row])))
+            if 0 in mine[row]:
+                chunk.append((None, "", -1, str(keys[row])))
         if left[row] == 0:
             decoded.forget(row)
         if len(chunk) == pairs_per_chunk:
@@ -169,11 +173,30 @@ def _pair_columns(chunk: list[tuple[np.ndarray | None, str, int, str]], context_
             "bad_key": np.array([b for *_, b in chunk], dtype=object)}
 
 
-def plan_units(paths: list[str], cpus: float) -> list[dict]:
+def plan_units(paths: list[str], cpus: float, visits: int = 1) -> list[dict]:
     """Stream tasks of one epoch: each shard whole, or in `parts` row ranges when the shards are
-    fewer than `UNITS_PER_CPU` x `cpus` (a small dataset still keeps every core busy)."""
-    parts = max(1, min(MAX_PARTS_PER_SHARD, math.ceil(UNITS_PER_CPU * cpus / max(1, len(paths)))))
-    return [{"path": p, "part": i, "parts": parts} for p in paths for i in range(parts)]
+    fewer than `UNITS_PER_CPU` x `cpus` (a small dataset still keeps every core busy); each of
+    those `visits` times, a task per visit (`caption_visit`: the pairs it emits)."""
+    parts = max(1, min(MAX_PARTS_PER_SHARD, math.ceil(UNITS_PER_CPU * cpus / max(1, len(paths) * visits))))
+    return [{"path": p, "part": i, "parts": parts, "visit": v, "visits": visits}
+            for p in paths for i in range(parts) for v in range(visits)]
+
+
+def caption_visit(image_id: int, caption: int, visits: int) -> int:
+    """The visit (of `visits`) whose task emits caption `caption` of image `image_id`: captions
+    dealt round the visits from a place set by the image id, so an image with c captions has
+    ceil(c / visits) or floor(c / visits) of them in each visit, and every visit has a share of
+    the images' first captions."""
+    return (image_id + caption) % visits
+
+
+def image_visits(captions_per_image: list[int], shuffle_buffer_pairs: int) -> int:
+    """`data.image_visits: auto`: 1 when a worker's shuffle buffer holds the whole split's pairs
+    (its draws are then a uniform shuffle of the epoch), else the most captions an image has (one
+    caption of an image per task: its captions reach the workers at independent times)."""
+    if sum(captions_per_image) <= shuffle_buffer_pairs:
+        return 1
+    return max(1, max(captions_per_image, default=1))
 
 
 def read_unit(path: str, part: int, parts: int, filesystem: pafs.FileSystem, seed: int | None = None) -> pa.Table:
@@ -206,29 +229,33 @@ def stream_units(
     unit_kwargs: dict, seed: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Map function: planned units (`plan_units`) -> `unit_fn(rows, rng, **unit_kwargs)` of each
-    unit's image rows (`read_unit`), whose outputs leave the task one by one.
+    unit's image rows (`read_unit`), whose outputs leave the task one by one; a unit that is one
+    of several visits of its rows also passes `visit=` and `visits=`.
 
     `rng` is fresh every call unless seeded; a seeded one depends on the seed, the unit's part
-    and its first image id only.
+    (and visit) and its first image id only.
     """
-    for path, part, parts in zip(batch["path"], batch["part"], batch["parts"], strict=True):
+    for path, part, parts, visit, visits in zip(batch["path"], batch["part"], batch["parts"], batch["visit"],
+                                                batch["visits"], strict=True):
         rows = read_unit(str(path), int(part), int(parts), filesystem, seed)
         first = rows.column("image_id")[0].as_py() if rows.num_rows else -1
-        rng = random.Random(None if seed is None else f"{seed}-{int(part)}-{first}")
-        yield from unit_fn(rows, rng, **unit_kwargs)
+        several = int(visits) > 1
+        rng = random.Random(None if seed is None else f"{seed}-{int(part)}-{first}" + (f"-{int(visit)}" * several))
+        yield from unit_fn(rows, rng, **unit_kwargs, **({"visit": int(visit), "visits": int(visits)} if several else {}))
 
 
 def image_stream(
     files: list[str], unit_fn: Callable[..., Iterator[dict]], unit_kwargs: dict | None = None,
-    seed: int | None = None, cpus: float | None = None, block_bytes: int = BLOCK_BYTES,
+    seed: int | None = None, cpus: float | None = None, block_bytes: int = BLOCK_BYTES, visits: int = 1,
 ) -> ray.data.Dataset:
     """`unit_fn` (`emit_pairs`, `image_chunks`: a task's image rows -> its outputs) over the prepared
     shards `files` (URIs), in one stream task per planned unit (`plan_units`, for `cpus` logical
-    CPUs: the cluster's by default) with `STREAM_CPUS` each; units in a new order every execution."""
+    CPUs: the cluster's by default, and `visits` visits of every row: `emit_pairs` only) with
+    `STREAM_CPUS` each; units in a new order every execution."""
     # The driver's filesystem (endpoint and credentials) goes to the tasks with them.
     fs, _ = storage.resolve(files[0])
     cpus = cpus if cpus is not None else ray.cluster_resources().get("CPU", 1)
-    units = plan_units([storage.resolve(f)[1] for f in files], cpus)
+    units = plan_units([storage.resolve(f)[1] for f in files], cpus, visits)
     # The shard list is listed once, here: no listing task or Parquet footer-reading actor (a new
     # process) at the start of every epoch, as ray.data.read_parquet has. Read, decode and the rest
     # share one task: separate read, repartition and 32-image decode tasks cost more in Ray per image
@@ -251,13 +278,27 @@ def train_pair_options(data: DataConfig, image_size: int, context_length: int,
             "grouped": data.batch_composition == "image_grouped", "pairs_per_chunk": pairs_per_chunk}
 
 
+def resolve_image_visits(data: DataConfig, captions: list[int]) -> int:
+    """`data.image_visits` as a number for a train split with these caption counts (`image_visits`
+    when 'auto'; always 1 for `image_grouped`, whose point is an image's captions together)."""
+    if data.batch_composition == "image_grouped":
+        return 1
+    return image_visits(captions, data.shuffle_buffer_pairs) if data.image_visits == "auto" else data.image_visits
+
+
 def build_train_dataset(
-    data: DataConfig, image_size: int, context_length: int, seed: int = 0, **stream_options,
+    data: DataConfig, image_size: int, context_length: int, seed: int = 0, captions: list[int] | None = None,
+    **stream_options,
 ) -> ray.data.Dataset:
     """The training stream of `data.prepared_uri`'s train split (seeded if `data.deterministic`):
-    `image_stream` of `emit_pairs` on every core. `stream_options`: `image_stream`'s keyword
-    arguments and `pairs_per_chunk`."""
+    `image_stream` of `emit_pairs` on every core, each image visited `resolve_image_visits` times
+    an epoch. `captions`: the split's caption counts when the caller has them (else read).
+    `stream_options`: `image_stream`'s keyword arguments and `pairs_per_chunk`."""
     fixed = seed if data.deterministic else None
     chunk = stream_options.pop("pairs_per_chunk", PAIRS_PER_CHUNK)
+    if captions is None and data.image_visits == "auto":
+        captions = captions_per_image(data.prepared_uri, data.train_split)
+    visits = resolve_image_visits(data, captions or [])
     return image_stream(split_files(data.prepared_uri, data.train_split), emit_pairs,
-                        train_pair_options(data, image_size, context_length, chunk), fixed, **stream_options)
+                        train_pair_options(data, image_size, context_length, chunk), fixed, visits=visits,
+                        **stream_options)

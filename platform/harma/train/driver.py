@@ -28,7 +28,13 @@ from harma import storage
 from harma.config import PlatformConfig
 from harma.console import WorkerLogRelay, quiet_ray_loggers
 from harma.data.composition import uniform_same_image_share
-from harma.data.datasets import FOOTER_ACTORS, FOOTER_ACTORS_VAR, STREAM_CPUS, build_train_dataset
+from harma.data.datasets import (
+    FOOTER_ACTORS,
+    FOOTER_ACTORS_VAR,
+    STREAM_CPUS,
+    build_train_dataset,
+    resolve_image_visits,
+)
 from harma.data.prepared import captions_per_image, count_captions, read_report
 from harma.eval import format_table
 from harma.model.backbone import arch_info
@@ -191,8 +197,12 @@ def fit(cfg: PlatformConfig, callbacks: list | None = None, evaluate_test: bool 
              cfg.train.deepspeed.zero_stage)
     # What uniform sampling of pairs (the paper code's) would put in a batch: the runs' history
     # shows each epoch's measured share beside it (harma.data.composition).
-    uniform_share = uniform_same_image_share(captions_per_image(cfg.data.prepared_uri, cfg.data.train_split),
-                                             cfg.train.batch_size)
+    captions = captions_per_image(cfg.data.prepared_uri, cfg.data.train_split)
+    uniform_share = uniform_same_image_share(captions, cfg.train.batch_size)
+    visits = resolve_image_visits(cfg.data, captions)
+    if visits > 1:
+        log.info("the split's %d pairs outgrow a worker's shuffle buffer (%d): each image's captions go to %d "
+                 "stream tasks, one decode each (data.image_visits)", sum(captions), cfg.data.shuffle_buffer_pairs, visits)
     with WorkerLogRelay() as relay:  # the workers' harma lines, printed here as they come
         trainer = TorchTrainer(
             train_worker,
@@ -209,7 +219,8 @@ def fit(cfg: PlatformConfig, callbacks: list | None = None, evaluate_test: bool 
                 failure_config=ray.train.FailureConfig(max_failures=workers.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(
                     num_to_keep=None, checkpoint_score_attribute="val_mr", checkpoint_score_order="max")),
-            datasets={"train": build_train_dataset(cfg.data, arch.image_size, arch.context_length, cfg.run.seed)},
+            datasets={"train": build_train_dataset(cfg.data, arch.image_size, arch.context_length, cfg.run.seed,
+                                                   captions=captions)},
             dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         )
         result = trainer.fit()
