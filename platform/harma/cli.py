@@ -5,6 +5,8 @@
     harma config show FILE [overrides]                       print the resolved config
     harma model summary --config FILE [overrides] [--json]   architecture and parameter counts
     harma data synth --out DIR --images N --seed S           generate an aerial dataset
+    harma data synth --out DIR --scenes N [--scene-size 4096] generate georeferenced COG scenes + STAC
+    harma data prepare --scenes DIR --out OUT [--test-scenes 1] their captioned tiles -> training shards
     harma eval --checkpoint URI [--split test] [--data ROOT] [--out FILE]
     harma index build --config FILE [overrides]              embed a corpus into a retrieval index
     harma serve serve_configs/FILE.yaml [overrides] [--address ADDR]   run the Serve app locally (serve run)
@@ -72,6 +74,15 @@ def cmd_model_summary(args: argparse.Namespace) -> int:
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
     _setup_logging()
+    if args.scenes:
+        from harma.geo.scenes import synthesize_scenes
+
+        summary = synthesize_scenes(args.out, args.scenes, seed=args.seed, size=args.scene_size,
+                                    progress=logging.getLogger("harma").info)
+        print(json.dumps(summary, indent=1))
+        return 0
+    if not args.images:
+        raise SystemExit("harma data synth: give --images N (tiles) or --scenes N (GeoTIFF scenes)")
     from harma.data.synth import synthesize
 
     manifest = synthesize(args.out, args.images, seed=args.seed, pretrain_images=args.pretrain_images,
@@ -82,6 +93,16 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     _setup_logging()
+    if args.scenes:
+        from harma.geo.training import prepare_scenes
+
+        report = prepare_scenes(args.scenes, args.out, test_scenes=args.test_scenes, shard_images=args.shard_images,
+                                progress=logging.getLogger("harma").info)
+        for split, r in report["splits"].items():
+            print(f"{split:>8}: {r['images']} tiles, {r['captions']} captions, {r['shards']} shard(s)")
+        print(f"held out as test: {', '.join(report['test_scenes'])}; {report['skipped_nodata_cells']} "
+              f"mostly-nodata cell(s) skipped; report: {args.out}/prepare_report.json")
+        return 0
     from harma.data.prepare import prepare_dataset
 
     report = prepare_dataset(args.source, args.out, args.splits, annotations=args.annotations,
@@ -131,6 +152,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     _setup_logging()
+    if args.geo:
+        return _eval_geo(args)
     if args.config:
         return _eval_job(args)
     if not args.checkpoint:
@@ -148,6 +171,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = {"checkpoint": args.checkpoint, "data": root, "split": split_name,
               "images": len(split.images), "captions": len(split), **report}
     return _report_eval(result, args.out)
+
+
+def _eval_geo(args: argparse.Namespace) -> int:
+    """`harma eval --geo`: place search precision@k / recall per class (harma.geo.evaluate)."""
+    if not args.index or not args.truth:
+        raise ConfigError("harma eval --geo needs --index URI and --truth GEOJSON")
+    from harma import storage
+    from harma.geo.evaluate import format_scores, place_search_scores, read_truth
+    from harma.geo.query import parse_place
+    from harma.serve.encoder import QueryEncoder
+    from harma.serve.index import load_index
+
+    index = load_index(args.index)
+    bbox = [float(v) for v in args.bbox.split(",")] if args.bbox else None
+    place = parse_place(bbox=bbox, scene=args.scene)
+    encoder = QueryEncoder(index.manifest["checkpoint_uri"], "auto", trace=False)
+    result = place_search_scores(index, encoder, read_truth(args.truth), k=args.k, place=place)
+    result.update(index=args.index, truth=args.truth, checkpoint=index.manifest["checkpoint_uri"], bbox=bbox,
+                  scenes=args.scene)
+    print(format_scores(result))
+    out = args.out or storage.join(args.index, "eval_geo.json")
+    storage.write_bytes(out, json.dumps(result, indent=1).encode())
+    print(f"written: {out}")
+    return 0
 
 
 def _report_eval(result: dict, out: str | None) -> int:
@@ -346,7 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="action", required=True)
     synth = data.add_parser("synth", help="generate an aerial dataset in the RSITMD layout")
     synth.add_argument("--out", required=True, help="folder or s3:// prefix")
-    synth.add_argument("--images", type=int, required=True, help="downstream images (train+val+test)")
+    synth.add_argument("--images", type=int, default=0, help="downstream images (train+val+test)")
+    synth.add_argument("--scenes", type=int, default=0,
+                       help="instead: georeferenced COG scenes with a STAC ItemCollection and object footprints")
+    synth.add_argument("--scene-size", type=int, default=4096, help="pixels a side of each scene")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--pretrain-images", type=int, default=0, help="images of a coarse pre-training split")
     synth.add_argument("--image-size", type=int, default=96)
@@ -359,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--out", required=True, help="output folder or s3:// prefix")
     prep.add_argument("--splits", nargs="+", default=["train", "val", "test"])
     prep.add_argument("--shard-images", type=int, default=512, help="images per Parquet shard")
+    prep.add_argument("--scenes", default=None,
+                      help="instead: generated scenes (harma data synth --scenes): their captioned cells as tiles")
+    prep.add_argument("--test-scenes", type=int, default=1, help="with --scenes: scenes held out whole as test")
     prep.set_defaults(func=cmd_data_prepare)
 
     train = sub.add_parser("train", help="Ray Train + DeepSpeed fine-tuning from prepared shards")
@@ -377,6 +430,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", default=None, help="dataset root (default: the checkpoint's data.root)")
     ev.add_argument("--split", default=None, help="split name (default: the config's test split)")
     ev.add_argument("--out", default=None, help="JSON output (default: <checkpoint>/eval_<split>.json)")
+    ev.add_argument("--geo", action="store_true",
+                    help="score place search of a scene index against ground-truth footprints instead")
+    ev.add_argument("--index", default=None, help="with --geo: the scene index")
+    ev.add_argument("--truth", default=None, help="with --geo: ground-truth GeoJSON (class per object)")
+    ev.add_argument("--k", type=int, default=10, help="with --geo: tiles per class query")
+    ev.add_argument("--bbox", default=None, help="with --geo: min_lon,min_lat,max_lon,max_lat to search within")
+    ev.add_argument("--scene", nargs="+", default=None, help="with --geo: scene ids to search within")
     ev.add_argument("overrides", nargs="*", help="with --config: dotted.path=value")
     ev.set_defaults(func=cmd_eval)
 

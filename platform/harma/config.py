@@ -337,14 +337,41 @@ class TuneConfig(_Section):
 # --------------------------------------------------------------------------------------------
 # index
 # --------------------------------------------------------------------------------------------
+class GeoIndexConfig(_Section):
+    """How a GeoTIFF scene archive (`index.corpus_format: geotiff`) is cut into tiles."""
+
+    tile_size: int = Field(256, ge=16, description="Tile side in pixels (native pixels, or at target_gsd).")
+    tile_stride: int | None = Field(
+        128, ge=1, description="Pixels between tile origins (<= tile_size; less overlaps tiles, so an "
+        "object on a tile edge is whole in a neighbour); null = tile_size.")
+    target_gsd: float | None = Field(
+        None, gt=0, description="Metres per pixel tiles are resampled to (null: the scene's own).")
+    preset: Literal["generic", "sentinel2_l2a", "naip"] = Field(
+        "generic", description="Fixed band-to-RGB mapping (harma.geo.radiometry); never a per-scene stretch.")
+    max_nodata_fraction: float = Field(
+        0.5, ge=0, le=1, description="Tiles with more nodata than this are skipped and counted.")
+    max_bad_fraction: float = Field(
+        0.1, ge=0, le=1, description="Stop the build when more than this fraction of scenes is unreadable.")
+    windows_per_task: int = Field(64, ge=1, description="Tiles one read task takes from a scene.")
+    tiles_per_output: int = Field(16, ge=1, description="Tiles a read task hands on at a time.")
+
+    @model_validator(mode="after")
+    def _stride_within_tile(self) -> GeoIndexConfig:
+        if self.tile_stride is not None and self.tile_stride > self.tile_size:
+            raise ValueError(f"tile_stride {self.tile_stride} > tile_size {self.tile_size} would leave gaps")
+        return self
+
+
 class IndexConfig(_Section):
     """`harma index build`: embed an image corpus (and its captions) with a trained checkpoint."""
 
     checkpoint_uri: str = Field(description="Trained checkpoint folder or s3:// prefix.")
     corpus_uri: str = Field(
-        description="Prepared Parquet shards (`harma data prepare --out`) or, with "
-        "corpus_format 'images', a folder/s3:// prefix of image files.")
-    corpus_format: Literal["prepared", "images"] = "prepared"
+        description="Prepared Parquet shards (`harma data prepare --out`); with corpus_format "
+        "'images', a folder/s3:// prefix of image files; with 'geotiff', a STAC ItemCollection "
+        "(.json) or a folder/s3:// prefix of GeoTIFF scenes.")
+    corpus_format: Literal["prepared", "images", "geotiff"] = "prepared"
+    geo: GeoIndexConfig = GeoIndexConfig()
     splits: list[str] = Field(
         default_factory=lambda: ["test"], description="Prepared splits to index (prepared corpus).")
     output_uri: str = Field(description="Where the index goes (folder or s3:// prefix).")

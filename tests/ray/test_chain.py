@@ -19,7 +19,7 @@ from harma.cli import main
 from harma.data.prepare import prepare_dataset
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_serve import _free_port, _stop, _wait_http  # noqa: E402
+from test_serve import shipped_local_service  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 BEST = "s3://chain-runs/runs/synth-adapt/best"
@@ -28,7 +28,6 @@ BEST = "s3://chain-runs/runs/synth-adapt/best"
 @pytest.mark.ray
 def test_train_eval_index_serve_chain_from_the_shipped_files_on_s3(ray_cluster, s3_server, synth_root, tmp_path,
                                                                     capsys):
-    import ray
     from harma import storage
 
     s3_server.create_bucket("chain-data")
@@ -53,27 +52,9 @@ def test_train_eval_index_serve_chain_from_the_shipped_files_on_s3(ray_cluster, 
                  "index.corpus_uri=s3://chain-data/synth", "index.output_uri=s3://chain-runs/index-synth"]) == 0
     capsys.readouterr()
 
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "harma", "serve", str(REPO / "serve_configs" / "local.yaml"),
-         f"args.checkpoint_uri={BEST}", "args.index_uri=s3://chain-runs/index-synth", f"http_options.port={port}",
-         "applications.harma.deployments.Retriever.autoscaling_config.max_replicas=1",
-         "applications.harma.deployments.Retriever.ray_actor_options.num_cpus=0.5",
-         "--address", ray.get_runtime_context().gcs_address],
-        start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        _wait_http(url + "healthz", proc=proc)
+    with shipped_local_service(BEST, "s3://chain-runs/index-synth") as url:
         hits = requests.post(url + "v1/text-to-images", json={"text": "a red ship", "k": 3}, timeout=30).json()
         info = requests.get(url + "v1/info", timeout=30).json()
-    except (TimeoutError, RuntimeError):
-        print(_stop(proc))
-        raise
-    finally:
-        import ray.serve
-
-        _stop(proc)
-        ray.serve.shutdown()
     assert len(hits["results"]) == 3
     assert info["checkpoint_uri"] == BEST
 

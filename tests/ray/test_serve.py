@@ -3,6 +3,7 @@ shared local cluster, the HTTP API with real clients, bad input, API keys, the w
 Chromium, a hot index swap under load, autoscaling under load and a replica killed under load."""
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -47,6 +48,36 @@ def _wait_http(url: str, seconds: float = 180, proc: subprocess.Popen | None = N
             pass
         time.sleep(0.5)
     raise TimeoutError(f"{url} not up after {seconds} s")
+
+
+@contextlib.contextmanager
+def shipped_local_service(checkpoint: str, index: str):
+    """`harma serve serve_configs/local.yaml` (the shipped file) with this checkpoint and index, one
+    replica of half a CPU, on a free port of the tests' cluster; yields its base URL, then stops it
+    and Serve."""
+    import ray.serve
+
+    import ray
+
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harma", "serve", str(REPO / "serve_configs" / "local.yaml"),
+         f"args.checkpoint_uri={checkpoint}", f"args.index_uri={index}", f"http_options.port={port}",
+         "applications.harma.deployments.Retriever.autoscaling_config.max_replicas=1",
+         "applications.harma.deployments.Retriever.ray_actor_options.num_cpus=0.5",
+         "--address", ray.get_runtime_context().gcs_address],
+        start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        try:
+            _wait_http(url + "healthz", proc=proc)
+        except (TimeoutError, RuntimeError):
+            print(_stop(proc))
+            raise
+        yield url
+    finally:
+        _stop(proc)
+        ray.serve.shutdown()
 
 
 def _serve_config(path: Path, port: int, checkpoint: str, index: str, user_index: str | None = None) -> Path:

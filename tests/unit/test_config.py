@@ -92,7 +92,7 @@ def test_every_job_file_validates():
         assert first.startswith("#") and "harma " in first, f"{path} must start with its command"
         load_config(path)
         checked += 1
-    assert checked == 13
+    assert checked == 14
 
 
 def test_demo_job_file_equals_builtin_demo_settings():

@@ -50,7 +50,7 @@ def _check_image(data: bytes) -> None:
         img.load()  # verify() misses truncated pixel data
 
 
-def _write_shard(rows: dict[str, list], uri: str) -> int:
+def write_shard(rows: dict[str, list], uri: str) -> int:
     table = pa.Table.from_pydict(rows, schema=PARQUET_SCHEMA)
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf, compression="zstd")
@@ -97,14 +97,14 @@ def prepare_split(
         report.images += 1
         report.captions += len(entry.captions)
         if len(rows["image"]) >= shard_images:
-            report.bytes += _write_shard(rows, storage.join(out, split, f"part-{report.shards:05d}.parquet"))
+            report.bytes += write_shard(rows, storage.join(out, split, f"part-{report.shards:05d}.parquet"))
             report.shards += 1
             rows = _empty_rows()
         if progress and n % 500 == 0:
             rate = n / (time.perf_counter() - t0)
             progress(f"{split}: {n}/{len(entries)} images checked ({rate:.0f}/s)")
     if rows["image"]:
-        report.bytes += _write_shard(rows, storage.join(out, split, f"part-{report.shards:05d}.parquet"))
+        report.bytes += write_shard(rows, storage.join(out, split, f"part-{report.shards:05d}.parquet"))
         report.shards += 1
     return report
 

@@ -96,8 +96,10 @@ def sample_scene(rng: np.random.Generator) -> Scene:
 
 
 # --- drawing ---------------------------------------------------------------------------------
-def render_scene(scene: Scene, rng: np.random.Generator, size: int = 96) -> Image.Image:
-    """Draw a scene as a size x size RGB image."""
+def render_scene(scene: Scene, rng: np.random.Generator, size: int = 96,
+                 boxes: list[tuple[float, float, float, float]] | None = None) -> Image.Image:
+    """Draw a scene as a size x size RGB image; `boxes`, when given, receives each object's
+    (x0, y0, x1, y1) pixel box (the drawing and its random draws are the same either way)."""
     base, alt = BACKGROUNDS[scene.background]
     img = Image.new("RGB", (size, size), base)
     draw = ImageDraw.Draw(img)
@@ -114,7 +116,11 @@ def render_scene(scene: Scene, rng: np.random.Generator, size: int = 96) -> Imag
         spread = 0 if scene.count == 1 else 0.16 * size
         x = cx * size + spread * math.cos(angle) + rng.normal(0, 0.015 * size)
         y = cy * size + spread * math.sin(angle) + rng.normal(0, 0.015 * size)
-        _DRAWERS[scene.kind](draw, x, y, scale * rng.uniform(0.85, 1.15), colour, rng)
+        s = scale * rng.uniform(0.85, 1.15)
+        _DRAWERS[scene.kind](draw, x, y, s, colour, rng)
+        if boxes is not None:
+            r = s * _EXTENT[scene.kind]
+            boxes.append((max(0.0, x - r), max(0.0, y - r), min(float(size), x + r), min(float(size), y + r)))
     noise = rng.normal(0, 6, (size, size, 3))
     arr = np.clip(np.asarray(img, dtype=np.float64) + noise, 0, 255).astype(np.uint8)
     return Image.fromarray(arr).filter(ImageFilter.SMOOTH)
@@ -191,6 +197,9 @@ def _tree(draw, x, y, s, colour, rng):
     draw.ellipse(_box(x, y, s * 0.5, s * 0.5), fill=colour)
 
 
+# Half the side of the square that holds each drawing, in units of its size argument.
+_EXTENT = {"buildings": 0.9, "storage tanks": 0.6, "ponds": 1.1, "planes": 1.0, "ships": 1.0, "fields": 1.1,
+           "trees": 0.5}
 _DRAWERS: dict[str, Callable] = {
     "buildings": _building, "storage tanks": _tank, "ponds": _pond, "planes": _plane,
     "ships": _ship, "fields": _field, "trees": _tree,

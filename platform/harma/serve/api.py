@@ -78,6 +78,18 @@ class _Request(BaseModel):
         description="Metadata filters on the image gallery, e.g. {\"split\": \"test\", \"label\": "
         "[\"airport\", \"port\"]}; filterable: split, label, image_id, source.")
     include_thumbnails: bool = Field(False, description="Add each image's JPEG thumbnail as a data URI.")
+    bbox: list[float] | None = Field(
+        None, description="Scene index: only tiles whose footprint intersects [min_lon, min_lat, max_lon, "
+        "max_lat] (WGS84).")
+    intersects: dict[str, Any] | None = Field(
+        None, description="Scene index: only tiles whose footprint intersects this GeoJSON geometry (WGS84).")
+    datetime: str | None = Field(
+        None, description="Scene index: acquisition time in a STAC interval, e.g. \"2025-03-01/..\", "
+        "\"2025-01-01T00:00:00Z/2025-06-30T23:59:59Z\", or one date.")
+    scene: str | list[str] | None = Field(None, description="Scene index: only tiles of these scene ids.")
+    nms: bool = Field(
+        True, description="Scene index: merge overlapping tiles (non-maximum suppression on footprints, "
+        "IoU > 0.3): one hit per object where tiles overlap.")
 
 
 class TextQuery(_Request):
@@ -96,10 +108,12 @@ class ImageQuery(_Request):
 
 class ImageHit(BaseModel):
     rank: int
-    id: str = Field(description="The image's key in the corpus.")
+    id: str = Field(description="The image's key in the corpus (a scene index: <scene>/<col>_<row>).")
     score: float = Field(description="Cosine similarity.")
     metadata: dict[str, Any]
     thumbnail: str | None = Field(None, description="data:image/jpeg;base64,... when asked for.")
+    geometry: dict[str, Any] | None = Field(None, description="Scene index: the tile's footprint, GeoJSON, WGS84.")
+    centre: list[float] | None = Field(None, description="Scene index: [lon, lat] of the footprint's centre.")
 
 
 class CaptionHit(BaseModel):
@@ -171,6 +185,30 @@ def check_common(query: _Request, limits: Limits) -> None:
             raise ApiError(422, f"cannot filter on {key!r}; filterable: {', '.join(FILTER_COLUMNS)}")
         if isinstance(value, list) and not value:
             raise ApiError(422, f"filter {key!r} has an empty list of values")
+    place_of(query)
+
+
+def place_of(query: _Request):
+    """The query's place and time filters (harma.geo.query.PlaceQuery), or None; 422 when malformed."""
+    if query.bbox is None and query.intersects is None and query.datetime is None and query.scene is None:
+        return None
+    from harma.geo.query import parse_place
+
+    try:
+        return parse_place(bbox=query.bbox, intersects=query.intersects, datetime=query.datetime, scene=query.scene)
+    except ValueError as err:
+        raise ApiError(422, str(err)) from None
+
+
+GEOJSON = "application/geo+json"
+
+
+def wants_geojson(params: dict[str, str], accept: str | None) -> bool:
+    """`format=geojson` in the query string, or an Accept header naming GeoJSON."""
+    fmt = params.get("format", "json").lower()
+    if fmt not in ("json", "geojson"):
+        raise ApiError(422, f"format must be json or geojson, got {fmt!r}")
+    return fmt == "geojson" or GEOJSON in (accept or "")
 
 
 def check_text_query(query: TextQuery, limits: Limits) -> None:
@@ -223,7 +261,8 @@ def parse_image_json(body: bytes, content_type: str | None, limits: Limits) -> t
 def parse_image_params(params: dict[str, str], limits: Limits) -> _Request:
     """k/filters/include_thumbnails from query-string or form fields (raw and multipart uploads)."""
     raw: dict[str, Any] = {}
-    unknown = sorted(set(params) - {"k", "filters", "include_thumbnails"})
+    known = {"k", "filters", "include_thumbnails", "bbox", "intersects", "datetime", "scene", "nms", "format"}
+    unknown = sorted(set(params) - known)
     if unknown:
         raise ApiError(422, f"unknown parameter(s): {', '.join(unknown)}")
     if "k" in params:
@@ -231,13 +270,29 @@ def parse_image_params(params: dict[str, str], limits: Limits) -> _Request:
             raw["k"] = int(params["k"])
         except ValueError:
             raise ApiError(422, f"k must be an integer, got {params['k']!r}") from None
-    if "filters" in params:
+    for name in ("filters", "intersects"):
+        if name in params:
+            try:
+                raw[name] = json.loads(params[name])
+            except json.JSONDecodeError:
+                raise ApiError(422, f"{name} must be a JSON object") from None
+    if "bbox" in params:  # 4.3,51.8,4.5,52.0 or a JSON list
+        text = params["bbox"].strip()
         try:
-            raw["filters"] = json.loads(params["filters"])
+            raw["bbox"] = json.loads(text) if text.startswith("[") else [float(v) for v in text.split(",")]
+        except (json.JSONDecodeError, ValueError):
+            raise ApiError(422, f"bbox must be min_lon,min_lat,max_lon,max_lat, got {text!r}") from None
+    if "datetime" in params:
+        raw["datetime"] = params["datetime"]
+    if "scene" in params:
+        text = params["scene"].strip()
+        try:
+            raw["scene"] = json.loads(text) if text.startswith("[") else text
         except json.JSONDecodeError:
-            raise ApiError(422, "filters must be a JSON object") from None
-    if "include_thumbnails" in params:
-        raw["include_thumbnails"] = params["include_thumbnails"].lower() in ("1", "true", "yes")
+            raise ApiError(422, f"scene must be a scene id or a JSON list of ids, got {text!r}") from None
+    for name in ("include_thumbnails", "nms"):
+        if name in params:
+            raw[name] = params[name].lower() in ("1", "true", "yes")
     query = _validate(_Request, raw)
     check_common(query, limits)
     return query

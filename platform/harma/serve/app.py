@@ -49,7 +49,9 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import ray
+from harma.geo.query import NMS_POOL, feature_collection, suppress_overlaps
 from harma.serve.api import (
+    GEOJSON,
     ApiError,
     BatchSearchResponse,
     ErrorBody,
@@ -63,6 +65,8 @@ from harma.serve.api import (
     parse_image_params,
     parse_text_queries,
     parse_text_query,
+    place_of,
+    wants_geojson,
 )
 from harma.serve.coalesce import BatchCoalescer
 from harma.serve.index import EmbeddingIndex, check_index_matches, search_batch
@@ -147,6 +151,13 @@ class _Job:
     thumbnails: bool
     text: str | None = None
     pixels: np.ndarray | None = None
+    place: Any = None  # harma.geo.query.PlaceQuery
+    nms: bool = True
+
+    @classmethod
+    def of(cls, target: str, query, **kwargs) -> "_Job":
+        return cls(target, query.k, query.filters, query.include_thumbnails, place=place_of(query), nms=query.nms,
+                   **kwargs)
 
 
 @dataclass
@@ -156,6 +167,28 @@ class _Loaded:
     uri: str
     index: EmbeddingIndex
     galleries: dict[str, torch.Tensor]
+
+
+# Module functions the deployment calls are defined above it: Serve pickles the class with the
+# module globals as they are at its definition.
+def _suppress(index: EmbeddingIndex, scores: list[float], rows: list[int], k: int) -> tuple[list[float], list[int]]:
+    """The best `k` of the candidates after non-maximum suppression on their footprints."""
+    kept = set(suppress_overlaps(rows, index.tiles.geometries)[:k])
+    pairs = [(s, r) for s, r in zip(scores, rows, strict=True) if r in kept]
+    return [s for s, _ in pairs], [r for _, r in pairs]
+
+
+def _mask(index: EmbeddingIndex, job: _Job, target: str) -> np.ndarray | None:
+    """The job's metadata filters and place/time filters as one mask over the target gallery."""
+    mask = index.image_mask(job.filters)
+    place = index.place_mask(job.place)
+    if place is not None:
+        mask = place if mask is None else mask & place
+    if target == "captions" and mask is not None:
+        if index.captions is None:
+            return None
+        return mask[np.asarray(index.captions["image_row"], dtype=np.int64)]
+    return mask
 
 
 def _page_html() -> str:
@@ -260,17 +293,20 @@ class Retriever:
                     answers[i] = ApiError(422, "this index has no captions (built from an image "
                                                "folder or with index.captions=false)")
                 continue
-            masks = []
+            masks, ks = [], []
             for i in rows:
                 try:
-                    masks.append(index.image_mask(jobs[i].filters) if target == "images"
-                                 else index.caption_mask(jobs[i].filters))
+                    masks.append(_mask(index, jobs[i], target))
                 except ValueError as err:
                     masks.append(None)
                     answers[i] = ApiError(422, str(err))
-            found = search_batch(emb[rows], loaded.galleries[target], [jobs[i].k for i in rows], masks)
+                suppress = target == "images" and jobs[i].nms and index.has_footprints
+                ks.append(min(jobs[i].k * NMS_POOL, index.size) if suppress else jobs[i].k)
+            found = search_batch(emb[rows], loaded.galleries[target], ks, masks)
             for i, (scores, hits) in zip(rows, found, strict=True):
                 if answers[i] is None:
+                    if target == "images" and jobs[i].nms and index.has_footprints:
+                        scores, hits = _suppress(index, scores, hits, jobs[i].k)
                     answers[i] = self._results(index, jobs[i], scores, hits)
         return answers
 
@@ -290,14 +326,25 @@ class Retriever:
                                               "images": index.size, "captions": index.caption_count,
                                               "built_at": index.manifest.get("built_at")}}
 
-    async def _respond(self, job: _Job, kind: str, started: float) -> JSONResponse:
+    async def _respond(self, job: _Job, kind: str, started: float, request: Request) -> JSONResponse:
         """One query's answer, as SearchResponse documents it (built here, not re-validated by
-        FastAPI: that cost ~8% of a replica's per-request Python time on 2 CPU cores)."""
+        FastAPI: that cost ~8% of a replica's per-request Python time on 2 CPU cores), or as a
+        GeoJSON FeatureCollection (`format=geojson` or `Accept: application/geo+json`)."""
+        geojson = wants_geojson(dict(request.query_params), request.headers.get("accept"))
+        if geojson and (job.target != "images" or not self.state.index.has_footprints):
+            raise ApiError(422, "GeoJSON answers need image hits from a scene index (index.corpus_format geotiff)")
         [answer] = await self._coalescers[kind].submit([job])
         if isinstance(answer, ApiError):
             raise answer
-        return JSONResponse({"query": {"kind": kind, "target": job.target, "k": job.k, "filters": job.filters},
-                             **answer, "took_ms": round((time.perf_counter() - started) * 1000, 3)})
+        query = {"kind": kind, "target": job.target, "k": job.k, "filters": job.filters}
+        if job.place is not None:
+            query["place"] = {"bbox": job.place.bbox, "datetime": [job.place.start, job.place.end],
+                              "scene": list(job.place.scenes), "intersects": job.place.geometry is not None}
+        took = round((time.perf_counter() - started) * 1000, 3)
+        if geojson:
+            body = feature_collection(answer["results"], query)
+            return JSONResponse({**body, "index": answer["index"], "took_ms": took}, media_type=GEOJSON)
+        return JSONResponse({"query": query, **answer, "took_ms": took})
 
     # --- routes --------------------------------------------------------------------------------
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -342,8 +389,8 @@ class Retriever:
         started = time.perf_counter()
         self._authorize(request)
         query = parse_text_query(await _read_body(request, self.limits.max_request_bytes), request.headers.get("content-type"), self.limits)
-        job = _Job("images", query.k, query.filters, query.include_thumbnails, text=query.text)
-        return await self._respond(job, "text", started)
+        job = _Job.of("images", query, text=query.text)
+        return await self._respond(job, "text", started, request)
 
     @api.post("/v1/text-to-images/batch", responses={**_ERRORS, 200: {"model": BatchSearchResponse}},
               openapi_extra=_json_body(TextQueries))
@@ -360,7 +407,7 @@ class Retriever:
         self._authorize(request)
         queries = parse_text_queries(await _read_body(request, self.limits.max_request_bytes),
                                      request.headers.get("content-type"), self.limits)
-        jobs = [_Job("images", q.k, q.filters, q.include_thumbnails, text=q.text) for q in queries]
+        jobs = [_Job.of("images", q, text=q.text) for q in queries]
         size = self.args.max_batch_size
         groups = await asyncio.gather(*(self._coalescers["text"].submit(jobs[i:i + size])
                                         for i in range(0, len(jobs), size)))
@@ -429,8 +476,8 @@ class Retriever:
             pixels = await asyncio.to_thread(self.encoder.preprocess, data)
         except UnreadableImageError as err:
             raise ApiError(400, str(err)) from None
-        job = _Job(target, query.k, query.filters, query.include_thumbnails, pixels=pixels)
-        return await self._respond(job, "image", started)
+        job = _Job.of(target, query, pixels=pixels)
+        return await self._respond(job, "image", started, request)
 
 
 def build_app(args: dict[str, Any]) -> ray.serve.Application:

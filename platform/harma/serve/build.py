@@ -57,6 +57,8 @@ class ImageEmbedder:
         self.actor_id = ray.get_runtime_context().get_actor_id()  # the build reports how many embedded
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if "pixels" in batch:
+            return self._embed_tiles(batch)
         from harma.data.transforms import eval_uint8
         from harma.serve.encoder import UnreadableImageError, open_query_image
 
@@ -76,6 +78,24 @@ class ImageEmbedder:
             emb[np.array(ok)] = self.model_thread.call(self._embed_pixels, np.stack(pixels))
         out = {k: v for k, v in batch.items() if k != "image"}
         out.update(embedding=emb, ok=np.array(ok), thumbnail=np.array(thumbs, dtype=object),
+                   embedder=np.full(len(ok), self.actor_id, dtype=object))
+        return out
+
+    def _embed_tiles(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Scene tiles (harma.geo.corpus rows: model-sized uint8 pixels, a status each)."""
+        from PIL import Image
+
+        ok = np.array([s == "ok" for s in batch["status"]], dtype=bool)
+        pixels = batch["pixels"]
+        if pixels.shape[-1] != self.encoder.image_size:
+            raise ValueError(f"tiles of {pixels.shape[-1]} px for a model of {self.encoder.image_size} px")
+        emb = np.zeros((len(ok), self.encoder.embed_dim), np.float32)
+        if ok.any():
+            emb[ok] = self.model_thread.call(self._embed_pixels, np.ascontiguousarray(pixels[ok]))
+        thumbs = [_thumbnail(Image.fromarray(p.transpose(1, 2, 0)), self.thumbnail_size)
+                  if good and self.thumbnail_size else b"" for p, good in zip(pixels, ok, strict=True)]
+        out = {k: v for k, v in batch.items() if k != "pixels"}
+        out.update(embedding=emb, ok=ok, thumbnail=np.array(thumbs, dtype=object),
                    embedder=np.full(len(ok), self.actor_id, dtype=object))
         return out
 
@@ -118,8 +138,19 @@ def _parquet_rows(files: list[str]) -> int:
     return total
 
 
-def _image_dataset(cfg: IndexConfig) -> tuple[ray.data.Dataset, int]:
-    """(dataset of image rows with image, id, source, image_id, split, label; number of images)."""
+GEO_COLUMNS = ("scene", "datetime", "window", "geometry", "centre_lon", "centre_lat", "gsd")
+
+
+def _image_dataset(cfg: IndexConfig, image_size: int) -> tuple[ray.data.Dataset, int | None, dict]:
+    """(dataset of image rows with image (or pixels), id, source, image_id, split, label; number of
+    images when known beforehand; the scenes of a geotiff corpus: {"scenes": [...], "bad": [...]})."""
+    if cfg.corpus_format == "geotiff":
+        from harma.geo.corpus import list_scenes, tile_dataset
+
+        scenes, bad = list_scenes(cfg.corpus_uri)
+        if not scenes:
+            raise ValueError(f"{cfg.corpus_uri}: no readable scene ({'; '.join(b['reason'] for b in bad[:3])})")
+        return tile_dataset(scenes, cfg.geo.model_dump(), image_size), None, {"scenes": scenes, "bad": bad}
     if cfg.corpus_format == "prepared":
         files = _prepared_files(cfg)
         fs, _ = storage.resolve(files[0])
@@ -131,7 +162,7 @@ def _image_dataset(cfg: IndexConfig) -> tuple[ray.data.Dataset, int]:
             keys = batch.pop("image_key")  # the image's path under the source image folder
             return {**batch, "id": keys, "source": keys}
 
-        return ds.map_batches(rename, batch_format="numpy", num_cpus=0.1), total
+        return ds.map_batches(rename, batch_format="numpy", num_cpus=0.1), total, {}
     extensions = tuple(e.lower() for e in cfg.image_extensions)
     files = [f for f in storage.list_files(cfg.corpus_uri) if f.lower().endswith(extensions)]
     if not files:
@@ -149,7 +180,7 @@ def _image_dataset(cfg: IndexConfig) -> tuple[ray.data.Dataset, int]:
                 "image_id": np.full(n, -1, np.int64), "split": np.array([""] * n, dtype=object),
                 "label": np.array([None] * n, dtype=object)}
 
-    return ds.map_batches(to_rows, batch_format="numpy", num_cpus=0.1), len(files)
+    return ds.map_batches(to_rows, batch_format="numpy", num_cpus=0.1), len(files), {}
 
 
 def _caption_dataset(cfg: IndexConfig) -> ray.data.Dataset:
@@ -236,6 +267,13 @@ def _embed_index_images(encoder, cfg: IndexConfig, ids: list[str]) -> np.ndarray
                            for i in range(0, len(pixels), 64)])
 
 
+def _check_bad_scenes(bad: list[dict], scenes: int, max_fraction: float, corpus_uri: str) -> None:
+    if scenes and len(bad) / scenes > max_fraction:
+        listed = "; ".join(f"{b['uri']}: {b['reason']}" for b in bad[:5])
+        raise ValueError(f"{corpus_uri}: {len(bad)} of {scenes} scenes unreadable, above index.geo.max_bad_fraction "
+                         f"{max_fraction} (nothing was written): {listed}")
+
+
 def build_index(cfg: IndexConfig, progress=log.info) -> dict[str, Any]:
     """Embed the corpus, write the index to `cfg.output_uri`; returns the manifest."""
     t0 = time.perf_counter()
@@ -250,24 +288,40 @@ def build_index(cfg: IndexConfig, progress=log.info) -> dict[str, Any]:
     ray.data.DataContext.get_current().enable_progress_bars = False
     ray.data.DataContext.get_current().execution_options.preserve_order = True
 
-    images, total = _image_dataset(cfg)
+    from harma.model.backbone import arch_info
+    from harma.model.checkpoint import read_checkpoint_config
+
+    image_size = arch_info(read_checkpoint_config(cfg.checkpoint_uri).model.backbone.arch).image_size
+    images, total, archive = _image_dataset(cfg, image_size)
+    geo = cfg.corpus_format == "geotiff"
     # Readers hand on blocks of up to 128 MiB: a small corpus was one block, so one actor embedded
     # all of it whatever `index.actors` said. Blocks of one inference batch spread it over the pool.
     images = images.repartition(target_num_rows_per_block=cfg.batch_size)
-    progress(f"embedding {total} images from {cfg.corpus_uri} with {cfg.checkpoint_uri} "
+    what = f"tiles of {len(archive['scenes'])} scene(s)" if geo else f"{total} images"
+    progress(f"embedding {what} from {cfg.corpus_uri} with {cfg.checkpoint_uri} "
              f"({cfg.actors} actor(s), {device})")
     embedded = images.map_batches(ImageEmbedder, fn_constructor_args=(cfg.checkpoint_uri, device,
                                                                         cfg.thumbnail_size, cfg.trace_encoders,
                                                                         cfg.precision),
                                   **_actor_options(cfg))
-    emb_parts, meta = [], {c: [] for c in ("id", "source", "image_id", "split", "label", "thumbnail")}
-    skipped: list[str] = []
+    columns = ("id", "source", "image_id", "split", "label", "thumbnail") + (GEO_COLUMNS if geo else ())
+    emb_parts, meta = [], {c: [] for c in columns}
+    skipped: list = []
+    scene_errors: dict[str, dict] = {}
+    nodata_tiles = 0
     embedders: set[str] = set()
     done, last = 0, time.perf_counter()
     for batch in _batches_of_whole_pool(embedded, cfg):
         ok = batch["ok"].astype(bool)
         embedders.update(str(a) for a in batch["embedder"])
-        skipped.extend(str(k) for k in batch["id"][~ok])
+        if geo:
+            status = [str(x) for x in batch["status"]]
+            nodata_tiles += status.count("nodata")
+            for uri, scene, st in zip(batch["source"], batch["scene"], status, strict=True):
+                if st.startswith("error: ") and str(scene) not in scene_errors:
+                    scene_errors[str(scene)] = {"uri": str(uri), "scene": str(scene), "reason": st[len("error: "):]}
+        else:
+            skipped.extend(str(k) for k in batch["id"][~ok])
         emb_parts.append(batch["embedding"][ok])
         for column in meta:
             values = batch[column][ok].tolist()
@@ -275,7 +329,8 @@ def build_index(cfg: IndexConfig, progress=log.info) -> dict[str, Any]:
         done += len(ok)
         if time.perf_counter() - last > 10 or done == total:
             rate = done / (time.perf_counter() - t0)
-            progress(f"  images {done}/{total} ({rate:.0f}/s, ETA {(total - done) / max(rate, 1e-9):.0f} s)")
+            eta = f", ETA {(total - done) / max(rate, 1e-9):.0f} s" if total else ""
+            progress(f"  {'tiles' if geo else 'images'} {done}{f'/{total}' if total else ''} ({rate:.0f}/s{eta})")
             last = time.perf_counter()
     meta["label"] = [None if v is None else str(v) for v in meta["label"]]
     meta["image_id"] = [int(v) for v in meta["image_id"]]
@@ -283,10 +338,23 @@ def build_index(cfg: IndexConfig, progress=log.info) -> dict[str, Any]:
     meta["source"] = [str(v) for v in meta["source"]]
     meta["split"] = [str(v) for v in meta["split"]]
     meta["thumbnail"] = [bytes(v) for v in meta["thumbnail"]]
+    if geo:
+        skipped = archive["bad"] + list(scene_errors.values())
+        _check_bad_scenes(skipped, len(archive["scenes"]) + len(archive["bad"]), cfg.geo.max_bad_fraction, cfg.corpus_uri)
+        meta["window"] = [[int(x) for x in w] for w in meta["window"]]
+        meta["geometry"] = [bytes(g) for g in meta["geometry"]]
+        for key in ("scene", "datetime"):
+            meta[key] = [str(v) for v in meta[key]]
+        for key in ("centre_lon", "centre_lat", "gsd"):
+            meta[key] = [float(v) for v in meta[key]]
+        progress(f"  {done} tiles: {len(meta['id'])} embedded, {nodata_tiles} mostly nodata skipped, "
+                 f"{len(skipped)} scene(s) skipped")
+        for bad in skipped[:10]:
+            progress(f"    skipped {bad['uri']}: {bad['reason']}")
     dim = int(emb_parts[0].shape[1]) if emb_parts else 0
     image_emb = np.concatenate(emb_parts) if emb_parts else np.zeros((0, dim), np.float32)
     progress(f"  embedded by {len(embedders)} of {cfg.actors} actor(s)")
-    if skipped:
+    if skipped and not geo:
         progress(f"  skipped {len(skipped)} undecodable image(s): {', '.join(skipped[:10])}")
     if not len(image_emb):
         raise ValueError(f"{cfg.corpus_uri}: no decodable images to index")
@@ -322,6 +390,8 @@ def build_index(cfg: IndexConfig, progress=log.info) -> dict[str, Any]:
         "splits": cfg.splits if cfg.corpus_format == "prepared" else [],
         "skipped": skipped,
         "thumbnails": bool(cfg.thumbnail_size),
+        **({"geo": {"crs": "OGC:CRS84", "scenes": len(archive["scenes"]) + len(archive["bad"]) - len(skipped),
+                    "tiles_nodata": nodata_tiles, **cfg.geo.model_dump()}} if geo else {}),
         "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "build_seconds": round(time.perf_counter() - t0, 2),
         "precision": precision_record(cfg, image_emb, caption_emb, captions, meta, progress),

@@ -33,6 +33,7 @@ FORMAT = "harma-index-v1"
 MANIFEST = "manifest.json"
 # Metadata columns a query may filter on (values compared as strings).
 FILTER_COLUMNS = ("split", "label", "image_id", "source")
+TILE_COLUMNS = ("scene", "datetime", "window", "gsd")  # a scene index's metadata shown with each hit
 
 
 class IndexMismatchError(ValueError):
@@ -78,6 +79,7 @@ class EmbeddingIndex:
     captions: dict[str, list] | None = None  # caption, image, image_row
     row_of: dict[str, int] = field(init=False)
     _masks: dict[tuple, np.ndarray] = field(init=False, default_factory=dict)
+    _tiles: Any = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         if self.image_emb.ndim != 2 or len(self.image_emb) != len(self.images["id"]):
@@ -98,6 +100,28 @@ class EmbeddingIndex:
     @property
     def embed_dim(self) -> int:
         return int(self.image_emb.shape[1])
+
+    @property
+    def has_footprints(self) -> bool:
+        return "geometry" in self.images
+
+    @property
+    def tiles(self):
+        """The tiles' footprints, times and scenes (harma.geo.query.TileGeometry) of a scene index."""
+        if not self.has_footprints:
+            raise ValueError("this index has no footprints (built from images, not GeoTIFF scenes): place and "
+                             "time filters need an index of index.corpus_format geotiff")
+        if self._tiles is None:
+            from harma.geo.query import TileGeometry
+
+            self._tiles = TileGeometry.from_columns(self.images)
+        return self._tiles
+
+    def place_mask(self, place) -> np.ndarray | None:
+        """Boolean (N,) mask of tiles matching a harma.geo.query.PlaceQuery (None = no such filter)."""
+        if place is None or place.empty:
+            return None
+        return self.tiles.mask(place)
 
     def image_mask(self, filters: dict[str, str | list[str]] | None) -> np.ndarray | None:
         """Boolean (N,) mask of images whose metadata match every filter (None = no filter)."""
@@ -125,8 +149,14 @@ class EmbeddingIndex:
         return None if mask is None else mask[np.asarray(self.captions["image_row"], dtype=np.int64)]
 
     def image_result(self, row: int, score: float) -> dict[str, Any]:
-        return {"id": self.images["id"][row], "score": score,
-                "metadata": {c: self.images[c][row] for c in FILTER_COLUMNS if c in self.images}}
+        hit = {"id": self.images["id"][row], "score": score,
+               "metadata": {c: self.images[c][row] for c in FILTER_COLUMNS + TILE_COLUMNS if c in self.images}}
+        if self.has_footprints:
+            from shapely.geometry import mapping
+
+            hit["geometry"] = mapping(self.tiles.geometries[row])
+            hit["centre"] = [float(v) for v in self.tiles.centres[row]]
+        return hit
 
     def caption_result(self, row: int, score: float) -> dict[str, Any]:
         assert self.captions is not None
@@ -174,8 +204,15 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 
 def _parquet_bytes(columns: dict[str, list]) -> bytes:
+    """Parquet of the columns; GeoParquet (harma.geo.geoparquet) when they hold tile footprints."""
     buf = io.BytesIO()
-    pq.write_table(pa.table(columns), buf)
+    if "geometry" in columns:
+        from harma.geo.geoparquet import geoparquet_table
+
+        table = geoparquet_table(columns)
+    else:
+        table = pa.table(columns)
+    pq.write_table(table, buf)
     return buf.getvalue()
 
 
@@ -201,6 +238,7 @@ def load_index(uri: str) -> EmbeddingIndex:
     manifest = read_manifest(uri)
     image_emb = np.load(io.BytesIO(storage.read_bytes(storage.join(uri, "images.npy"))), allow_pickle=False)
     images = storage.read_table(storage.join(uri, "images.parquet")).to_pydict()
+    images.pop("bbox", None)  # GeoParquet's covering column: derived from the geometry
     caption_emb = captions = None
     if manifest.get("captions", 0):
         caption_emb = np.load(io.BytesIO(storage.read_bytes(storage.join(uri, "captions.npy"))),

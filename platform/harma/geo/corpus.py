@@ -1,0 +1,190 @@
+"""A scene archive as an index corpus: STAC ItemCollection, folder or s3:// prefix of GeoTIFFs ->
+a Ray Data stream of model-sized RGB tiles with their footprints.
+
+    scenes, bad = list_scenes("s3://bucket/archive/stac/items.json")
+    ds = tile_dataset(scenes, cfg.geo, image_size=224)     # rows: pixels, id, scene, geometry, ...
+
+Two kinds of task spread the archive over the cluster: one per scene reads its header (CRS, grid,
+time: a few KiB by range) and cuts its tiling plan into units of `geo.windows_per_task` windows;
+one per unit opens the scene and reads only its windows (`harma.geo.reader.read_tile`), so no
+task holds more than one tile's pixels at a time and a scene of any size is never decoded whole.
+A scene that cannot be read comes out as one row with its reason (`status`), a tile mostly
+nodata as a row with status `nodata`; the index build counts both and lists the scenes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+
+import numpy as np
+
+from harma import storage
+from harma.geo.radiometry import PRESETS
+
+SCENE_EXTENSIONS = (".tif", ".tiff")
+HEADER_CPUS = 0.1  # a header read is a few small range requests
+TILE_CPUS = 0.5  # reading, resampling and mapping a unit's windows
+
+
+def _stem(uri: str) -> str:
+    return os.path.splitext(os.path.basename(uri.rstrip("/")))[0]
+
+
+def _resolve_href(href: str, base: str) -> str:
+    if "://" in href or href.startswith("/"):
+        return href
+    parts = [p for p in storage.join(os.path.dirname(base.rstrip("/")) or ".", href).split("/")]
+    out: list[str] = []
+    for p in parts:  # normalise ../ without touching the scheme's //
+        if p == ".." and out and out[-1] not in ("", "..") and not out[-1].endswith(":"):
+            out.pop()
+        elif p != ".":
+            out.append(p)
+    return "/".join(out)
+
+
+def _asset_href(item) -> str | None:
+    for key in ("image", "data", "visual"):
+        if key in item.assets:
+            return item.assets[key].href
+    for asset in item.assets.values():
+        if "data" in (asset.roles or []) or (asset.media_type or "").startswith("image/tiff"):
+            return asset.href
+    return None
+
+
+def list_scenes(corpus_uri: str) -> tuple[list[dict], list[dict]]:
+    """(scenes: uri, scene id, STAC datetime or None; bad: uri and reason) of a STAC ItemCollection
+    (.json), a folder or an s3:// prefix of GeoTIFFs."""
+    if corpus_uri.lower().endswith(".json"):
+        import pystac
+
+        try:
+            raw = json.loads(storage.read_bytes(corpus_uri))
+            collection = pystac.ItemCollection.from_dict(raw, preserve_dict=False)
+        except (ValueError, KeyError, TypeError, pystac.STACError, pystac.errors.STACTypeError) as err:
+            raise ValueError(f"{corpus_uri}: not a STAC ItemCollection ({str(err).splitlines()[0][:200]})") from None
+        scenes, bad = [], []
+        for item in collection:
+            href = _asset_href(item)
+            if href is None:
+                bad.append({"uri": f"{corpus_uri}#{item.id}", "scene": item.id,
+                            "reason": f"STAC item {item.id!r} has no image asset (assets: {', '.join(item.assets) or 'none'})"})
+                continue
+            when = item.datetime.isoformat().replace("+00:00", "Z") if item.datetime else None
+            scenes.append({"uri": _resolve_href(href, corpus_uri), "scene": item.id, "datetime": when or ""})
+        return scenes, bad
+    files = [f for f in storage.list_files(corpus_uri) if f.lower().endswith(SCENE_EXTENSIONS)]
+    if not files:
+        raise FileNotFoundError(f"{corpus_uri}: no GeoTIFF scenes ({', '.join(SCENE_EXTENSIONS)})")
+    return [{"uri": f, "scene": _stem(f), "datetime": ""} for f in files], []
+
+
+def plan_scene(batch: dict[str, np.ndarray], geo: dict, image_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Map function (one scene a call): header -> units of windows, or one row with the reason."""
+    from harma.geo.reader import SceneError, read_header, scene_env
+    from harma.geo.tiling import native_tile_pixels, plan_tiles
+
+    preset = PRESETS[geo["preset"]]
+    for uri, scene, when in zip(batch["uri"], batch["scene"], batch["datetime"], strict=True):
+        uri, scene = str(uri), str(scene)
+        try:
+            with scene_env():
+                header = read_header(uri, preset)
+            tile = native_tile_pixels(geo["tile_size"], header.gsd, geo["target_gsd"])
+            stride = max(1, round(tile * (geo["tile_stride"] or geo["tile_size"]) / geo["tile_size"]))
+            windows = plan_tiles(header.width, header.height, tile, min(stride, tile))
+        except (SceneError, ValueError) as err:
+            yield _unit(uri, scene, "", None, [], f"{err}")
+            continue
+        for start in range(0, len(windows), geo["windows_per_task"]):
+            yield _unit(uri, scene, str(when) or header.datetime or "", header,
+                        windows[start:start + geo["windows_per_task"]], "")
+
+
+def _unit(uri, scene, when, header, windows, error) -> dict[str, np.ndarray]:
+    info = {} if header is None else {"crs": header.crs, "transform": list(header.transform), "gsd": header.gsd}
+    return {"uri": np.array([uri], dtype=object), "scene": np.array([scene], dtype=object),
+            "datetime": np.array([when], dtype=object), "header": np.array([json.dumps(info)], dtype=object),
+            "windows": np.array([json.dumps(windows)], dtype=object), "error": np.array([error], dtype=object)}
+
+
+def read_unit(batch: dict[str, np.ndarray], geo: dict, image_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Map function (one unit a call): its windows as tile rows, `geo["tiles_per_output"]` at a time."""
+    import rasterio
+    from affine import Affine
+
+    from harma.geo.reader import read_tile, scene_env
+    from harma.geo.tiling import footprints
+
+    preset = PRESETS[geo["preset"]]
+    for uri, scene, when, header, windows, error in zip(batch["uri"], batch["scene"], batch["datetime"],
+                                                        batch["header"], batch["windows"], batch["error"], strict=True):
+        uri, scene = str(uri), str(scene)
+        if error:
+            yield _tile_rows([_failed(uri, scene, str(error), image_size)])
+            continue
+        info, windows = json.loads(header), [tuple(w) for w in json.loads(windows)]
+        polygons = footprints(Affine(*info["transform"]), info["crs"], windows)
+        rows: list[dict] = []
+        try:
+            with scene_env(), rasterio.open(uri) as ds:
+                for window, poly in zip(windows, polygons, strict=True):
+                    pixels, nodata = read_tile(ds, window, image_size, preset)
+                    status = "nodata" if nodata > geo["max_nodata_fraction"] else "ok"
+                    c = poly.centroid
+                    rows.append({"pixels": pixels, "id": f"{scene}/{window[0]}_{window[1]}", "source": uri,
+                                 "scene": scene, "datetime": str(when), "window": list(window),
+                                 "geometry": poly.wkb, "centre_lon": c.x, "centre_lat": c.y,
+                                 "gsd": info["gsd"] * window[2] / geo["tile_size"], "status": status})
+                    if len(rows) == geo["tiles_per_output"]:
+                        yield _tile_rows(rows)
+                        rows = []
+        except (rasterio.errors.RasterioError, OSError, ValueError) as err:
+            rows = [_failed(uri, scene, f"read failed: {_gdal_reason(err)}", image_size)]
+        if rows:
+            yield _tile_rows(rows)
+
+
+def _gdal_reason(err: BaseException) -> str:
+    """The most specific message of an error chain (GDAL's own, under rasterio's 'Read failed')."""
+    texts = []
+    while err is not None and len(texts) < 4:
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "See previous exception" not in text:
+            texts.append(text)
+        err = err.__cause__ or err.__context__
+    return ("; ".join(texts) or "unknown error")[:300]
+
+
+def _failed(uri: str, scene: str, reason: str, image_size: int) -> dict:
+    return {"pixels": np.zeros((3, image_size, image_size), np.uint8), "id": f"{scene}/error", "source": uri,
+            "scene": scene, "datetime": "", "window": [0, 0, 0, 0], "geometry": b"", "centre_lon": np.nan,
+            "centre_lat": np.nan, "gsd": np.nan, "status": f"error: {reason}"}
+
+
+def _tile_rows(rows: list[dict]) -> dict[str, np.ndarray]:
+    n = len(rows)
+    out = {"pixels": np.stack([r["pixels"] for r in rows]),
+           "window": np.array([r["window"] for r in rows], np.int64).reshape(n, 4),
+           "image_id": np.full(n, -1, np.int64), "split": np.array([""] * n, dtype=object),
+           "label": np.array([None] * n, dtype=object)}
+    for key in ("id", "source", "scene", "datetime", "geometry", "status"):
+        out[key] = np.array([r[key] for r in rows], dtype=object)
+    for key in ("centre_lon", "centre_lat", "gsd"):
+        out[key] = np.array([r[key] for r in rows], np.float64)
+    return out
+
+
+def tile_dataset(scenes: list[dict], geo: dict, image_size: int):
+    """Ray Data stream of the scenes' tiles (`read_unit` rows), spread over the cluster."""
+    import ray
+
+    ds = ray.data.from_items(scenes, override_num_blocks=max(1, len(scenes)))
+    units = ds.map_batches(plan_scene, fn_kwargs={"geo": geo, "image_size": image_size}, batch_size=1,
+                           batch_format="numpy", num_cpus=HEADER_CPUS)
+    units = units.repartition(target_num_rows_per_block=1)  # a task per unit, not per scene
+    return units.map_batches(read_unit, fn_kwargs={"geo": geo, "image_size": image_size}, batch_size=1,
+                             batch_format="numpy", num_cpus=TILE_CPUS)

@@ -1,0 +1,131 @@
+"""Read GeoTIFF / COG scenes where they live (local path or s3://) with rasterio, by windows.
+
+    with scene_env():                                  # GDAL's S3 settings from harma.storage
+        header = read_header("s3://bucket/scenes/a.tif", preset)
+        rgb8, valid = read_tile(dataset, window, out_size=224, preset=preset)
+
+Only windows are read (GDAL fetches the COG's internal tiles that a window touches, by HTTP range
+on S3), never a whole scene. S3-compatible endpoints: `AWS_ENDPOINT_URL` / `HARMA_S3_ENDPOINT`
+(harma.storage) becomes GDAL's `AWS_S3_ENDPOINT` with path-style addressing (`AWS_VIRTUAL_HOSTING
+FALSE`) and plain HTTP when the endpoint says `http://`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from urllib.parse import urlparse
+
+import numpy as np
+
+from harma.geo.radiometry import RadiometricPreset, check_bands, to_rgb8
+from harma.geo.tiling import Window, ground_resolution
+
+DATETIME_TAG = "TIFFTAG_DATETIME"  # "YYYY:MM:DD HH:MM:SS", the TIFF standard's form
+
+
+class SceneError(ValueError):
+    """A scene that cannot be indexed; the message says why (it goes into the index manifest)."""
+
+
+@dataclass(frozen=True)
+class SceneHeader:
+    uri: str
+    width: int
+    height: int
+    count: int
+    crs: str  # WKT or "EPSG:n"
+    transform: tuple[float, ...]  # affine coefficients a, b, c, d, e, f
+    nodata: float | None
+    gsd: float  # metres per pixel
+    datetime: str | None  # ISO 8601, UTC
+
+
+def gdal_path(uri: str) -> str:
+    """The path rasterio opens: s3:// URIs as they are (rasterio maps them to /vsis3/)."""
+    return uri
+
+
+@contextlib.contextmanager
+def scene_env() -> Iterator[None]:
+    """rasterio/GDAL environment for reading scenes from the configured object store."""
+    import rasterio
+    from rasterio.session import AWSSession
+
+    options = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff",
+               "GDAL_HTTP_MAX_RETRY": "2", "GDAL_HTTP_RETRY_DELAY": "0.5", "VSI_CACHE": "TRUE"}
+    endpoint = os.environ.get("HARMA_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
+    session = None
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
+        options.update(AWS_VIRTUAL_HOSTING="FALSE", AWS_HTTPS="NO" if parsed.scheme == "http" else "YES")
+        session = AWSSession(aws_access_key_id=os.environ.get("AWS_ACCESS_KEY_ID"),
+                             aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+                             region_name=os.environ.get("AWS_REGION", "us-east-1"), endpoint_url=parsed.netloc)
+    with rasterio.Env(session=session, **options):
+        yield
+
+
+def _iso_datetime(tags: dict[str, str]) -> str | None:
+    raw = tags.get(DATETIME_TAG)
+    if not raw:
+        return None
+    try:
+        when = datetime.strptime(raw.strip(), "%Y:%m:%d %H:%M:%S")
+    except ValueError:
+        try:
+            when = datetime.fromisoformat(raw.strip().replace("Z", "+00:00"))
+        except ValueError:
+            return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _reason(err: Exception) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text[:300]
+
+
+def read_header(uri: str, preset: RadiometricPreset) -> SceneHeader:
+    """A scene's grid, CRS and time, checked against the preset; SceneError says why not."""
+    import rasterio
+    from rasterio.errors import RasterioIOError
+
+    try:
+        with rasterio.open(gdal_path(uri)) as ds:
+            if ds.crs is None:
+                raise SceneError("no coordinate reference system")
+            if ds.transform.is_identity:
+                raise SceneError("no georeferencing (identity transform)")
+            try:
+                check_bands(preset, ds.count)
+            except ValueError as err:
+                raise SceneError(str(err)) from None
+            epsg = ds.crs.to_epsg()
+            return SceneHeader(uri=uri, width=ds.width, height=ds.height, count=ds.count,
+                               crs=f"EPSG:{epsg}" if epsg else ds.crs.to_wkt(), transform=tuple(ds.transform)[:6],
+                               nodata=ds.nodata, gsd=ground_resolution(ds.transform),
+                               datetime=_iso_datetime(ds.tags()))
+    except SceneError:
+        raise
+    except (RasterioIOError, OSError, ValueError) as err:
+        raise SceneError(f"cannot open: {_reason(err)}") from None
+
+
+def read_tile(ds, window: Window, out_size: int, preset: RadiometricPreset) -> tuple[np.ndarray, float]:
+    """(uint8 (3, out_size, out_size) RGB by the preset, nodata fraction) of one window of an open
+    dataset; the window is resampled (bilinear; GDAL reads from the overviews when they suit)."""
+    from rasterio.enums import Resampling
+    from rasterio.windows import Window as RioWindow
+
+    col, row, w, h = window
+    win = RioWindow(col, row, w, h)
+    dn = ds.read(list(preset.rgb_bands), window=win, out_shape=(3, out_size, out_size),
+                 resampling=Resampling.bilinear)
+    mask = ds.read_masks(1, window=win, out_shape=(out_size, out_size), resampling=Resampling.nearest)
+    valid = mask > 0
+    return to_rgb8(dn, preset, valid), float(1.0 - valid.mean())

@@ -1,0 +1,177 @@
+"""Generated georeferenced scenes and reading them (harma.geo.scenes, reader, corpus) without Ray:
+the COGs are what they claim, deterministic, their tiles are the drawn pixels, and every kind of
+bad input is named with its reason."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import rasterio
+from shapely.geometry import shape
+
+from harma.geo.corpus import list_scenes, plan_scene, read_unit
+from harma.geo.radiometry import PRESETS
+from harma.geo.reader import SceneError, read_header, read_tile
+from harma.geo.scenes import render, synthesize_scenes
+
+GEO = {"tile_size": 128, "tile_stride": 64, "target_gsd": None, "preset": "generic", "max_nodata_fraction": 0.5,
+       "max_bad_fraction": 0.1, "windows_per_task": 20, "tiles_per_output": 8}
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("scenes")
+    synthesize_scenes(str(out), 2, seed=3, size=512)
+    return str(out)
+
+
+def _scene_files(archive):
+    return sorted(list_scenes(f"{archive}/scenes")[0], key=lambda s: s["uri"])
+
+
+def test_a_generated_scene_is_a_tiled_compressed_cog_with_overviews_in_its_utm_zone(archive):
+    scenes, bad = list_scenes(f"{archive}/stac/items.json")
+    assert bad == [] and len(scenes) == 2
+    with rasterio.open(scenes[0]["uri"]) as ds:
+        assert (ds.count, ds.dtypes[0], ds.nodata) == (4, "uint16", 0)
+        assert ds.profile["tiled"] and ds.block_shapes[0] == (256, 256)
+        assert ds.compression.value.lower() == "deflate" and ds.overviews(1)  # overviews present
+        assert ds.crs.to_epsg() == 32631  # Rotterdam, 4.4 E: UTM zone 31 north
+        assert ds.res[0] in (0.5, 0.6, 0.8, 1.0)
+        assert ds.tags()["TIFFTAG_DATETIME"].startswith("2025:")
+    assert scenes[0]["datetime"].startswith("2025-01")
+
+
+def test_stac_items_ground_truth_and_pixels_agree_and_are_deterministic(archive, tmp_path):
+    items = json.loads(open(f"{archive}/stac/items.json").read())
+    truth = json.loads(open(f"{archive}/ground_truth.geojson").read())["features"]
+    for item in items["features"]:
+        outline = shape(item["geometry"])
+        objects = [shape(f["geometry"]) for f in truth if f["properties"]["scene"] == item["id"]]
+        # every object inside its scene (to 1e-7 degrees, ~1 cm: edges reprojected point by point)
+        assert objects and all(outline.buffer(1e-7).contains(o) for o in objects)
+    assert {f["properties"]["class"] for f in truth} <= {"buildings", "storage tanks", "ponds", "planes", "ships",
+                                                          "fields", "trees"}
+    again = tmp_path / "again"
+    synthesize_scenes(str(again), 2, seed=3, size=512)
+    assert (again / "ground_truth.geojson").read_bytes() == open(f"{archive}/ground_truth.geojson", "rb").read()
+    for name in ("scene-000-rotterdam.tif", "scene-001-houston.tif"):
+        with rasterio.open(f"{archive}/scenes/{name}") as a, rasterio.open(again / "scenes" / name) as b:
+            assert np.array_equal(a.read(), b.read())
+
+
+def test_a_tile_read_through_the_preset_is_the_drawn_scene(archive):
+    _, bands, valid, _ = render(0, 3, 512)
+    [scene] = [s for s in list_scenes(f"{archive}/stac/items.json")[0] if s["scene"].startswith("scene-000")]
+    with rasterio.open(scene["uri"]) as ds:
+        pixels, nodata = read_tile(ds, (256, 256, 128, 128), 128, PRESETS["generic"])  # no resampling
+        assert nodata == 0.0
+        drawn = np.rint(np.clip(bands[:3, 256:384, 256:384] * 1e-4 / 0.3, 0, 1) * 255).astype(np.uint8)
+        assert np.array_equal(pixels, drawn)
+        _, border = read_tile(ds, (0, 0, 128, 128), 64, PRESETS["generic"])  # the nodata corner
+        assert border == pytest.approx(1 - valid[:128, :128].mean(), abs=0.05)
+
+
+def _batch(rows):
+    return {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
+
+
+def test_a_scene_streams_as_units_of_windows_each_tile_with_its_footprint(archive):
+    scenes, _ = list_scenes(f"{archive}/stac/items.json")
+    units = list(plan_scene(_batch(scenes[:1]), GEO, 48))
+    assert len(units) == 3 and not any(u["error"][0] for u in units)  # 7 x 7 = 49 windows, 20 per unit
+    tiles = [t for u in units for out in read_unit(u, GEO, 48) for t in [out]]
+    ids = np.concatenate([t["id"] for t in tiles])
+    assert len(ids) == 49 and len(set(ids)) == 49
+    first = tiles[0]
+    assert first["pixels"].shape[1:] == (3, 48, 48) and first["pixels"].dtype == np.uint8
+    with rasterio.open(scenes[0]["uri"]) as ds:
+        lon, lat = first["centre_lon"][0], first["centre_lat"][0]
+        x, y = rasterio.warp.transform("EPSG:4326", ds.crs, [lon], [lat])
+        col, row = ~ds.transform @ (x[0], y[0])
+        assert (col, row) == pytest.approx((64, 64), abs=0.5)  # tile (0, 0, 128, 128): centre pixel 64, 64
+        assert first["gsd"][0] == pytest.approx(ds.res[0])
+    statuses = np.concatenate([t["status"] for t in tiles]).tolist()
+    assert set(statuses) <= {"ok", "nodata"} and "ok" in statuses
+
+
+def _write(path, count=4, crs="EPSG:32631", size=64):
+    profile = {"driver": "GTiff", "width": size, "height": size, "count": count, "dtype": "uint16"}
+    if crs:
+        profile.update(crs=crs, transform=rasterio.transform.from_origin(600000, 5750000, 1, 1))
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(np.full((count, size, size), 1000, np.uint16))
+
+
+def test_every_bad_scene_is_named_with_its_reason(archive, tmp_path):
+    generic, s2 = PRESETS["generic"], PRESETS["sentinel2_l2a"]
+    _write(tmp_path / "no_crs.tif", crs=None)
+    with pytest.raises(SceneError, match="no coordinate reference system|no georeferencing"):
+        read_header(str(tmp_path / "no_crs.tif"), generic)
+    _write(tmp_path / "three.tif", count=3)
+    with pytest.raises(SceneError, match="3 band.*needs band 4"):
+        read_header(str(tmp_path / "three.tif"), s2)
+    (tmp_path / "junk.tif").write_bytes(b"II*\x00 not a tiff at all")
+    with pytest.raises(SceneError, match="cannot open"):
+        read_header(str(tmp_path / "junk.tif"), generic)
+    with pytest.raises(SceneError, match="cannot open"):
+        read_header(str(tmp_path / "missing.tif"), generic)
+    # a truncated COG: its header reads, its pixels do not -> one error row for the scene
+    src = _scene_files(archive)[0]["uri"]
+    data = open(src, "rb").read()
+    (tmp_path / "cut.tif").write_bytes(data[: len(data) // 3])
+    [unit] = list(plan_scene(_batch([{"uri": str(tmp_path / "cut.tif"), "scene": "cut", "datetime": ""}]),
+                             {**GEO, "windows_per_task": 1000}, 128))
+    outs = list(read_unit(unit, GEO, 128))  # full resolution: the pixels past the cut
+    errors = [s for o in outs for s in o["status"] if s.startswith("error")]
+    assert errors and "read failed" in errors[-1]
+
+
+def test_a_stac_item_without_an_image_asset_is_listed_bad_and_hrefs_resolve_beside_the_file(archive, tmp_path):
+    items = json.loads(open(f"{archive}/stac/items.json").read())
+    items["features"][1]["assets"] = {"thumbnail": {"href": "x.png", "roles": ["thumbnail"], "type": "image/png"}}
+    (tmp_path / "stac").mkdir()
+    (tmp_path / "stac" / "items.json").write_text(json.dumps(items))
+    shutil.copytree(f"{archive}/scenes", tmp_path / "scenes")
+    scenes, bad = list_scenes(str(tmp_path / "stac" / "items.json"))
+    assert [s["uri"] for s in scenes] == [str(tmp_path / "scenes" / "scene-000-rotterdam.tif")]
+    assert len(bad) == 1 and "no image asset" in bad[0]["reason"] and bad[0]["scene"] == "scene-001-houston"
+    (tmp_path / "notstac.json").write_text('{"type": "Feature"}')
+    with pytest.raises(ValueError, match="not a STAC ItemCollection"):
+        list_scenes(str(tmp_path / "notstac.json"))
+
+
+def test_captioned_cells_become_training_shards_with_a_scene_held_out_for_test(archive, tmp_path):
+    import io
+
+    from PIL import Image
+
+    from harma.data.prepared import captions_per_image
+    from harma.geo.training import prepare_scenes
+
+    report = prepare_scenes(archive, str(tmp_path / "store"), test_scenes=1)
+    assert report["test_scenes"] == ["scene-001-houston"]
+    splits = report["splits"]
+    # 2 x 2 cells a scene; a cell mostly in the nodata border is skipped and counted
+    assert sum(s["images"] for s in splits.values()) + report["skipped_nodata_cells"] == 8
+    _, _, valid, _ = render(1, 3, 512)  # houston: its cells at least half valid
+    assert splits["test"]["images"] == sum(valid[r:r + 256, c:c + 256].mean() >= 0.5 for r in (0, 256) for c in (0, 256))
+    assert captions_per_image(str(tmp_path / "store"), "test") == [5] * splits["test"]["images"]
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tmp_path / "store" / "test" / "part-00000.parquet")
+    assert all(k.startswith("scene-001-houston/") for k in table.column("image_key").to_pylist())
+    cells = {c["scene"]: c["cells"] for c in json.load(open(f"{archive}/cells.json"))}
+    first = cells["scene-001-houston"][-1]  # the bottom-right cell: clear of the nodata border
+    row = table.column("image_key").to_pylist().index(f"scene-001-houston/{first['window'][0]}_{first['window'][1]}.png")
+    assert table.column("captions").to_pylist()[row] == first["captions"]
+    assert table.column("label").to_pylist()[row] == first["kind"]
+    png = np.asarray(Image.open(io.BytesIO(table.column("image").to_pylist()[row])))
+    _, bands, _, _ = render(1, 3, 512)
+    col, r, w, h = first["window"]
+    drawn = np.rint(np.clip(bands[:3, r:r + h, col:col + w] * 1e-4 / 0.3, 0, 1) * 255).astype(np.uint8)
+    drawn[:, bands[0, r:r + h, col:col + w] == 0] = 0  # nodata border
+    assert np.array_equal(png.transpose(2, 0, 1), drawn)
+    with pytest.raises(ValueError, match="keep at least one"):
+        prepare_scenes(archive, str(tmp_path / "x"), test_scenes=2)
