@@ -19,8 +19,6 @@ ceiling is the expectation itself.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import tempfile
 
 import numpy as np
@@ -89,9 +87,9 @@ def main() -> None:
               f"{r['uniform']:>20.3f} ({r['image_visits']})")
     result = {"train_images": len(counts), "shard_images": args.shard_images, "epochs": args.epochs,
               "shuffle_buffer_pairs": buffer, "rows": rows, "smoke": args.smoke}
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as handle:
-        json.dump(result, handle, indent=1)
+    from harma import storage
+
+    storage.write_json(args.out, result)
     print(f"wrote {args.out}")
 
 

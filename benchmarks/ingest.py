@@ -20,7 +20,6 @@ loader decodes) against a bare loop that also decodes per pair, and against deco
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -137,9 +136,9 @@ def main() -> None:
     print(f"5 visits (image_visits auto once the split outgrows the shuffle buffer): "
           f"{spread_per_core / bare_per_pair:.2f} against bare decode-per-pair, "
           f"{spread_per_core / bare:.2f} against bare decode-once")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    from harma import storage
+
+    storage.write_json(args.out, result)
 
 
 if __name__ == "__main__":

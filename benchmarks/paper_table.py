@@ -306,9 +306,9 @@ def main() -> None:
               "pretrain": pre, "variants": rows, "verdict": v, "wall_seconds": wall,
               "synth_seconds": synth_s, "cpu_count": os.cpu_count(),
               "config": configs["HarMA"][0].to_dict()}
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as handle:
-        json.dump(result, handle, indent=1)
+    from harma import storage
+
+    storage.write_json(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -362,9 +362,9 @@ def main() -> None:
     print(f"Serve overhead at p50: {overhead:.2f} ms (target <= 3); throughput ratio {ratio:.2f} one query per "
           f"request, {bulk_ratio:.2f} with {args.bulk} per request (target >= 0.7); failed requests "
           f"{saturated['failed'] + bulk['failed'] + ceiling['failed']}")
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as handle:
-        json.dump(result, handle, indent=1)
+    from harma import storage
+
+    storage.write_json(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -16,8 +16,6 @@ every later epoch's first-batch wait is counted). On a GPU machine run with
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import tempfile
 import time
 
@@ -107,10 +105,10 @@ def main() -> None:
     for r in rows:  # input wait: rank 0's share of the loop spent waiting for the next batch
         print(f"{r['zero']:>5}{r['workers']:>9}{r['pairs_per_s']:>10.1f}{r['ratio']:>9.2f}{r['startup_s']:>12.1f}"
               f"{r['ratio_with_startup']:>17.2f}{r['input_wait']:>11.0%}  {r['device']}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"arch": args.arch, "device": device, "precision": args.precision,
-                   "batch": args.batch, "bare_pairs_per_s": bare, "runs": rows}, f, indent=1)
+    from harma import storage
+
+    storage.write_json(args.out, {"arch": args.arch, "device": device, "precision": args.precision,
+                                  "batch": args.batch, "bare_pairs_per_s": bare, "runs": rows})
 
 
 if __name__ == "__main__":

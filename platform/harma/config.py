@@ -352,7 +352,10 @@ class GeoIndexConfig(_Section):
         0.5, ge=0, le=1, description="Tiles with more nodata than this are skipped and counted.")
     max_bad_fraction: float = Field(
         0.1, ge=0, le=1, description="Stop the build when more than this fraction of scenes is unreadable.")
-    windows_per_task: int = Field(64, ge=1, description="Tiles one read task takes from a scene.")
+    windows_per_task: int = Field(
+        256, ge=1, description="Tiles one read task takes from a scene (it opens the scene once; "
+        "overlapping tiles on either side of a task boundary are read twice, so fewer, larger tasks "
+        "read less: in one process 64 gave 0.62 of a single reader's rate on S3, 256 gave 0.80).")
     tiles_per_output: int = Field(16, ge=1, description="Tiles a read task hands on at a time.")
 
     @model_validator(mode="after")

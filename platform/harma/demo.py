@@ -15,7 +15,10 @@
 5. copies the best checkpoint to `<out>/model`, builds the retrieval index of the test images
    with Ray Data (`<out>/index`), starts the Ray Serve application on it, sends a few text
    queries over HTTP, prints their top results and the address of the web page (kept running
-   with `--serve`; `harma serve serve_configs/demo.yaml` serves it again later).
+   with `--serve`; `harma serve serve_configs/demo.yaml` serves it again later);
+6. generates a few georeferenced COG scenes with a STAC ItemCollection (`<out>/scenes`), tiles
+   and indexes them with their footprints (`<out>/scene-index`), serves that index and asks two
+   place-and-time queries, printing each hit's coordinates.
 """
 
 from __future__ import annotations
@@ -137,6 +140,10 @@ def serve_demo(checkpoint: str, store: str, out: str, port: int, keep_serving: b
         log.info("query %r (%.1f ms):", text, body["took_ms"])
         for hit in body["results"]:
             log.info("   %.3f  %s  \"%s\"", hit["score"], hit["id"], captions.get(hit["id"], "?"))
+    scenes = scene_demo(model_uri, out, url) if DEMO_SCENES else None
+    if scenes is not None:  # the tile index again, for the page
+        ray.serve.run(build_app({"checkpoint_uri": storage.absolute(model_uri),
+                                 "index_uri": storage.absolute(index_uri)}), name="harma", route_prefix="/")
     log.info("web page: %s   (API docs: %sdocs)", url, url)
     if keep_serving:
         import time as _time
@@ -149,7 +156,52 @@ def serve_demo(checkpoint: str, store: str, out: str, port: int, keep_serving: b
             pass
     ray.serve.shutdown()
     return {"index": index_uri, "model": model_uri, "images": manifest["images"], "url": url,
-            "queries": answers}
+            "queries": answers, "scenes": scenes}
+
+
+DEMO_SCENES = 3  # generated scenes of the scene step, 1024 px a side (7 x 7 tiles each)
+SCENE_QUERIES = (  # (text, scene whose western half is searched, STAC interval)
+    ("storage tanks next to a river", 0, "2025-01-01/2025-02-28"),
+    ("ships at sea", 1, "2025-03-01/.."),
+)
+
+
+def scene_demo(model_uri: str, out: str, url: str) -> dict[str, Any]:
+    """Step 6: scenes generated, tiled and indexed with footprints, served, asked by place and time."""
+    import ray.serve
+    import requests
+    from shapely.geometry import shape
+
+    from harma.config import GeoIndexConfig, IndexConfig
+    from harma.geo.scenes import synthesize_scenes
+    from harma.serve.app import build_app
+    from harma.serve.build import build_index
+
+    root, index_uri = storage.join(out, "scenes"), storage.join(out, "scene-index")
+    log.info("[6/6] %d georeferenced scenes (COG + STAC) in %s, tiled and indexed with footprints",
+             DEMO_SCENES, root)
+    synthesize_scenes(root, DEMO_SCENES, seed=0, size=1024, progress=log.info)
+    stac = storage.join(root, "stac", "items.json")
+    manifest = build_index(IndexConfig(checkpoint_uri=model_uri, corpus_uri=stac, corpus_format="geotiff",
+                                       output_uri=index_uri, captions=False, geo=GeoIndexConfig()), progress=log.info)
+    ray.serve.run(build_app({"checkpoint_uri": storage.absolute(model_uri), "index_uri": storage.absolute(index_uri)}),
+                  name="harma", route_prefix="/")
+    items = json.loads(storage.read_bytes(stac))["features"]
+    answers = []
+    for text, scene, interval in SCENE_QUERIES:
+        w, s, e, n = shape(items[scene]["geometry"]).bounds
+        bbox = [round(w, 5), round(s, 5), round((w + e) / 2, 5), round(n, 5)]
+        response = requests.post(url + "v1/text-to-images", json={"text": text, "k": 3, "bbox": bbox, "datetime": interval},
+                                 headers={"Accept": "application/geo+json"}, timeout=60)
+        response.raise_for_status()
+        features = response.json()["features"]
+        log.info("place query %r in bbox %s, %s: %d hit(s)", text, bbox, interval, len(features))
+        for f in features:
+            p = f["properties"]
+            log.info("   %.3f  %s  centre %.5f, %.5f  acquired %s", p["score"], f["id"], p["centre"][0],
+                     p["centre"][1], p["metadata"]["datetime"])
+        answers.append({"text": text, "bbox": bbox, "datetime": interval, "features": features})
+    return {"index": index_uri, "tiles": manifest["images"], "scenes": manifest["geo"]["scenes"], "queries": answers}
 
 
 def _captions_by_image(store: str) -> dict[str, str]:
@@ -170,13 +222,13 @@ def run_demo(cfg: PlatformConfig, out: str, port: int = 8000, keep_serving: bool
     data_root = storage.join(out, "data")
     report_dir = storage.join(out, "report")
 
-    log.info("[1/5] generating the dataset in %s and preparing Parquet shards", data_root)
+    log.info("[1/6] generating the dataset in %s and preparing Parquet shards", data_root)
     manifest = synthesize(data_root, cfg.demo.images, seed=cfg.run.seed,
                           pretrain_images=cfg.demo.pretrain_images, progress=log.info)
     store = storage.join(out, "store", "synth")
     prepare_dataset(data_root, store, ["train", "val", "test"], progress=log.info)
 
-    log.info("[2/5] pre-training the %s backbone in full on %d coarse-caption images (%d steps)",
+    log.info("[2/6] pre-training the %s backbone in full on %d coarse-caption images (%d steps)",
              cfg.model.backbone.arch, cfg.demo.pretrain_images, cfg.demo.pretrain_steps)
     pre_cfg = _pretrain_config(cfg, data_root)
     base = build_model(pre_cfg.model, seed=cfg.run.seed)
@@ -195,18 +247,18 @@ def run_demo(cfg: PlatformConfig, out: str, port: int = 8000, keep_serving: bool
     tokenizer = build_tokenizer(model.arch.name)
     test_images, test_tokens = eval_arrays(test_split, model.arch.image_size, tokenizer, cfg.data.max_words)
     before = evaluate_arrays(model, test_images, test_tokens, test_split.caption_image)
-    log.info("[3/5] HarMA-adapting the frozen base on %d Ray Train worker(s) under DeepSpeed: %d "
+    log.info("[3/6] HarMA-adapting the frozen base on %d Ray Train worker(s) under DeepSpeed: %d "
              "trainable of %d parameters (%s layout)", adapt_cfg.train.workers.max,
              summary["trainable_params"], summary["total_params"], adapt_cfg.model.adapter.layout)
     adapt = fit(adapt_cfg)
 
-    log.info("[4/5] evaluating on test (best checkpoint on val: step %d, val mR %.2f)",
+    log.info("[4/6] evaluating on test (best checkpoint on val: step %d, val mR %.2f)",
              adapt.best_step, adapt.best_val["mr"])
     best_model, _ = load_checkpoint(adapt.best_checkpoint)
     after = evaluate_arrays(best_model, test_images, test_tokens, test_split.caption_image)
     history = [json.loads(line) for line in storage.read_bytes(
         storage.join(adapt.report_dir, "history.jsonl")).decode().splitlines()]
-    log.info("[5/5] indexing the test images, serving them with Ray Serve, querying over HTTP")
+    log.info("[5/6] indexing the test images, serving them with Ray Serve, querying over HTTP")
     served = serve_demo(adapt.best_checkpoint, store, out, port, keep_serving)
     seconds = time.perf_counter() - t_start
     report = {

@@ -12,10 +12,12 @@ pyarrow's `S3FileSystem`; its settings come from the environment, as every AWS t
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -133,6 +135,11 @@ def write_bytes(uri: str | Path, data: bytes) -> None:
             stream.write(data)
     except OSError as err:
         raise StorageError(f"{uri}: cannot write ({_short(err)})") from None
+
+
+def write_json(uri: str | Path, value: Any) -> None:
+    """`value` as indented JSON at `uri` (non-JSON values as their str), e.g. a benchmark's result."""
+    write_bytes(uri, json.dumps(value, indent=1, default=str).encode())
 
 
 def exists(uri: str | Path) -> bool:

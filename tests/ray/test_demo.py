@@ -40,3 +40,13 @@ def test_demo_end_to_end_small(ray_cluster, tmp_path, capsys, monkeypatch):
     assert json.loads((out / "index" / "manifest.json").read_text())["images"] == 6
     assert (out / "model" / "adapter.safetensors").is_file()
     assert f"web page: {served['url']}" in printed and "harma serve serve_configs/demo.yaml" in printed
+    # [6/6] generated scenes indexed with footprints, asked by place and time over HTTP as GeoJSON
+    scenes = served["scenes"]
+    assert scenes["scenes"] == 3 and scenes["tiles"] > 0
+    for query in scenes["queries"]:
+        w, s, e, n = query["bbox"]
+        assert 1 <= len(query["features"]) <= 3
+        for feature in query["features"]:
+            lon, lat = feature["properties"]["centre"]
+            assert w - 0.01 <= lon <= e + 0.01 and s - 0.01 <= lat <= n + 0.01  # a tile touching the box
+    assert "place query 'storage tanks next to a river'" in printed

@@ -116,6 +116,10 @@ def test_place_and_time_search_over_http_answers_geojson_like_brute_force(archiv
         later = requests.post(url, json={**query, "datetime": "2026-01-01/.."}, timeout=60).json()
         inverted = requests.post(url, json={**query, "bbox": [e, s, w, n]}, timeout=60)
         backwards = requests.post(url, json={**query, "datetime": "2025-03-01/2025-01-01"}, timeout=60)
+        info = requests.get(base + "v1/info", timeout=60).json()
+        overview = requests.get(base + info["index"]["scenes"][0]["quicklook"], timeout=60)
+        missing = requests.get(base + "v1/quicklooks/99", timeout=60)
+        page = _page_session(base, info)
     assert geo.status_code == 200 and geo.headers["content-type"].startswith("application/geo+json")
     collection = geo.json()
     assert collection["type"] == "FeatureCollection" and len(collection["features"]) == 5
@@ -135,3 +139,59 @@ def test_place_and_time_search_over_http_answers_geojson_like_brute_force(archiv
     assert later["results"] == []  # nothing acquired then
     assert inverted.status_code == 422 and "east of max_lon" in inverted.json()["error"]["message"]
     assert backwards.status_code == 422 and "ends before it starts" in backwards.json()["error"]["message"]
+    # overviews made at index time, one per indexed scene, with the corners the page maps drags with
+    assert [sc["scene"] for sc in info["index"]["scenes"]] == sorted(
+        f["id"] for f in archive["items"]["features"] if f["id"] not in ("missing", "cut"))
+    assert overview.headers["content-type"] == "image/png" and overview.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert missing.status_code == 404
+    if page is None:
+        return  # no chromium on this machine: the page part is skipped
+    # the page: hits drawn on the overviews, a dragged bbox as lon/lat, the hits as GeoJSON
+    assert page["drawn"] == 5 and all(c for c in page["coords"])
+    west, south, east, north = page["bbox"]
+    assert w <= west < east <= e and s <= south < north <= n  # inside the first scene's bounds
+    assert page["dragged_hits_in_bbox"] and page["geojson"]["type"] == "FeatureCollection"
+    assert len(page["geojson"]["features"]) == 5
+
+
+def _page_session(base: str, info: dict) -> dict | None:
+    """Drive the web page in headless Chromium: search, drag a bbox on the first overview, search
+    again, download the hits; returns what it saw (None without chromium)."""
+    import shutil
+
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        return None
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    from shapely.geometry import box, shape
+    from test_serve import ARTIFACTS, headless_chromium
+
+    with headless_chromium() as browser:
+        browser.get(base)
+        wait = WebDriverWait(browser, 30)
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#scenes canvas")) == len(info["index"]["scenes"]))
+        browser.find_element(By.ID, "k").clear()
+        browser.find_element(By.ID, "k").send_keys("5")
+        browser.find_element(By.ID, "q").send_keys("storage tanks next to a river")
+        browser.find_element(By.ID, "search").click()
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#results .hit")) == 5)
+        drawn = browser.execute_script(
+            "return [...document.querySelectorAll('#scenes canvas')].reduce((n, c) => n + Number(c.dataset.hits || 0), 0)")
+        coords = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#results .coords")]
+        canvas = browser.find_elements(By.CSS_SELECTOR, "#scenes canvas")[0]
+        size = canvas.size
+        ActionChains(browser).move_to_element_with_offset(canvas, -size["width"] // 4, -size["height"] // 4) \
+            .click_and_hold().move_by_offset(size["width"] // 3, size["height"] // 3).release().perform()
+        wait.until(lambda b: b.find_element(By.ID, "bbox").get_attribute("value"))
+        bbox = [float(v) for v in browser.find_element(By.ID, "bbox").get_attribute("value").split(",")]
+        browser.find_element(By.ID, "search").click()
+        wait.until(lambda b: "images for" in b.find_element(By.ID, "status").text)
+        hits = browser.execute_script("return [...document.querySelectorAll('#results .hit')].map(h => h.dataset.id)")
+        browser.save_screenshot(str(ARTIFACTS / "serve_page_scenes.png"))
+        browser.find_element(By.ID, "download").click()
+        wait.until(lambda b: b.execute_script("return window.lastGeoJSON || null"))
+        geojson = browser.execute_script("return window.lastGeoJSON")
+    inside = all(shape(f["geometry"]).intersects(box(*bbox)) for f in geojson["features"])
+    return {"drawn": drawn, "coords": coords, "bbox": bbox, "geojson": geojson,
+            "dragged_hits_in_bbox": bool(hits) and inside}

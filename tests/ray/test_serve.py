@@ -421,15 +421,15 @@ def test_api_key_is_required_when_configured_and_never_logged(service):
 
 
 # --- web page ------------------------------------------------------------------------------------
-def test_web_page_in_headless_chromium(service):
+@contextlib.contextmanager
+def headless_chromium():
+    """A Selenium Chrome driver on Debian's headless chromium (the test skips without it)."""
     chromium = shutil.which("chromium")
     driver_path = shutil.which("chromedriver")
     if not (chromium and driver_path):
         pytest.skip("Debian chromium + chromium-driver not installed (.ci/venv installs them)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
@@ -440,6 +440,16 @@ def test_web_page_in_headless_chromium(service):
     browser = webdriver.Chrome(service=Service(driver_path), options=options)
     ARTIFACTS.mkdir(exist_ok=True)
     try:
+        yield browser
+    finally:
+        browser.quit()
+
+
+def test_web_page_in_headless_chromium(service):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with headless_chromium() as browser:
         browser.get(service["url"])
         wait = WebDriverWait(browser, 30)
         wait.until(lambda b: "40 images" in b.find_element(By.ID, "info").text)
@@ -472,8 +482,6 @@ def test_web_page_in_headless_chromium(service):
         box.send_keys("x" * 201)  # over the limit: the API's message is shown, nothing crashes
         browser.find_element(By.ID, "search").click()
         wait.until(lambda b: "limit is 200" in b.find_element(By.ID, "status").text)
-    finally:
-        browser.quit()
     assert (ARTIFACTS / "serve_page_text_search.png").stat().st_size > 10_000
 
 

@@ -127,10 +127,10 @@ def read_unit(batch: dict[str, np.ndarray], geo: dict, image_size: int) -> Itera
             yield _tile_rows([_failed(uri, scene, str(error), image_size)])
             continue
         info, windows = json.loads(header), [tuple(w) for w in json.loads(windows)]
-        polygons = footprints(Affine(*info["transform"]), info["crs"], windows)
         rows: list[dict] = []
         try:
-            with scene_env(), rasterio.open(uri) as ds:
+            with scene_env(), rasterio.open(uri) as ds:  # one environment: no new AWS session per call
+                polygons = footprints(Affine(*info["transform"]), info["crs"], windows)
                 for window, poly in zip(windows, polygons, strict=True):
                     pixels, nodata = read_tile(ds, window, image_size, preset)
                     status = "nodata" if nodata > geo["max_nodata_fraction"] else "ok"

@@ -67,5 +67,5 @@ def to_rgb8(rgb_dn: np.ndarray, preset: RadiometricPreset, valid: np.ndarray | N
 def from_rgb8(rgb8: np.ndarray, preset: RadiometricPreset) -> np.ndarray:
     """The inverse mapping (uint8 RGB -> the preset's uint16 digital numbers), used to write
     generated scenes whose tiles map back to the drawn colours exactly."""
-    reflectance = rgb8.astype(np.float64) / 255.0 * preset.white
-    return np.rint((reflectance - preset.offset) / preset.scale).astype(np.uint16)
+    reflectance = rgb8.astype(np.float32) * np.float32(preset.white / 255.0)  # float32: a big scene's bands fit
+    return np.rint((reflectance - np.float32(preset.offset)) / np.float32(preset.scale)).astype(np.uint16)

@@ -13,6 +13,7 @@ FALSE`) and plain HTTP when the endpoint says `http://`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,11 +50,20 @@ def gdal_path(uri: str) -> str:
     return uri
 
 
+@functools.lru_cache(maxsize=8)
+def _aws_session(endpoint: str, access_key: str | None, secret_key: str | None, region: str):
+    """One rasterio AWSSession per store and credentials in a process: building one makes a boto3
+    session (~0.1 s), which a read task per unit of windows paid every time."""
+    from rasterio.session import AWSSession
+
+    return AWSSession(aws_access_key_id=access_key, aws_secret_access_key=secret_key, region_name=region,
+                      endpoint_url=endpoint)
+
+
 @contextlib.contextmanager
 def scene_env() -> Iterator[None]:
     """rasterio/GDAL environment for reading scenes from the configured object store."""
     import rasterio
-    from rasterio.session import AWSSession
 
     options = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff",
                "GDAL_HTTP_MAX_RETRY": "2", "GDAL_HTTP_RETRY_DELAY": "0.5", "VSI_CACHE": "TRUE"}
@@ -62,9 +72,8 @@ def scene_env() -> Iterator[None]:
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
         options.update(AWS_VIRTUAL_HOSTING="FALSE", AWS_HTTPS="NO" if parsed.scheme == "http" else "YES")
-        session = AWSSession(aws_access_key_id=os.environ.get("AWS_ACCESS_KEY_ID"),
-                             aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
-                             region_name=os.environ.get("AWS_REGION", "us-east-1"), endpoint_url=parsed.netloc)
+        session = _aws_session(parsed.netloc, os.environ.get("AWS_ACCESS_KEY_ID"),
+                               os.environ.get("AWS_SECRET_ACCESS_KEY"), os.environ.get("AWS_REGION", "us-east-1"))
     with rasterio.Env(session=session, **options):
         yield
 
@@ -129,3 +138,32 @@ def read_tile(ds, window: Window, out_size: int, preset: RadiometricPreset) -> t
     mask = ds.read_masks(1, window=win, out_shape=(out_size, out_size), resampling=Resampling.nearest)
     valid = mask > 0
     return to_rgb8(dn, preset, valid), float(1.0 - valid.mean())
+
+
+def make_quicklook(uri: str, preset: RadiometricPreset, longest: int = 512) -> dict:
+    """A scene's overview as PNG (`longest` pixels on its long side; GDAL reads the COG's
+    overviews) with the grid it maps to: the scene's size in pixels and its four corners in
+    WGS84 (top-left, top-right, bottom-right, bottom-left), for drawing tiles on it."""
+    import io
+
+    import rasterio
+    from affine import Affine
+    from PIL import Image
+    from rasterio.enums import Resampling
+
+    from harma.geo.tiling import to_wgs84
+
+    with scene_env(), rasterio.open(gdal_path(uri)) as ds:
+        scale = longest / max(ds.width, ds.height)
+        w, h = max(1, round(ds.width * scale)), max(1, round(ds.height * scale))
+        dn = ds.read(list(preset.rgb_bands), out_shape=(3, h, w), resampling=Resampling.average)
+        valid = ds.read_masks(1, out_shape=(h, w), resampling=Resampling.nearest) > 0
+        t = Affine(*tuple(ds.transform)[:6])
+        xs, ys = zip(*(t * (c, r) for c, r in ((0, 0), (ds.width, 0), (ds.width, ds.height), (0, ds.height))), strict=True)
+        epsg = ds.crs.to_epsg()
+        lon, lat = to_wgs84(f"EPSG:{epsg}" if epsg else ds.crs.to_wkt(), list(xs), list(ys))
+        size = (ds.width, ds.height)
+    buf = io.BytesIO()
+    Image.fromarray(to_rgb8(dn, preset, valid).transpose(1, 2, 0)).save(buf, format="PNG")
+    return {"png": buf.getvalue(), "width": size[0], "height": size[1],
+            "corners": [[float(a), float(b)] for a, b in zip(lon, lat, strict=True)]}

@@ -372,7 +372,9 @@ class Retriever:
             "index_uri": self.state.uri,
             "index": {"images": self.state.index.size, "captions": self.state.index.caption_count,
                       "built_at": manifest.get("built_at"), "corpus_uri": manifest.get("corpus_uri"),
-                      "precision": manifest.get("precision")},
+                      "precision": manifest.get("precision"),
+                      "scenes": [{k: v for k, v in sc.items() if k != "quicklook"} | {"quicklook": f"v1/quicklooks/{i}"}
+                                 for i, sc in enumerate((manifest.get("geo") or {}).get("scene_list", []))]},
             "limits": self.limits.model_dump(),
             "batching": {"max_batch_size": self.args.max_batch_size,
                          "batch_wait_timeout_s": self.args.batch_wait_timeout_s,
@@ -436,6 +438,19 @@ class Retriever:
         if data is None:
             raise ApiError(404, f"no thumbnail for {item_id!r} in this index")
         return Response(data, media_type="image/jpeg")
+
+    @api.get("/v1/quicklooks/{position}", responses={**_ERRORS, 404: {"model": ErrorBody}})
+    async def quicklook(self, position: int, request: Request) -> Response:
+        """The overview PNG of the index's scene at `position` in /v1/info's `index.scenes`."""
+        self._authorize(request)
+        loaded = self.state
+        scenes = (loaded.index.manifest.get("geo") or {}).get("scene_list", [])
+        if not 0 <= position < len(scenes):
+            raise ApiError(404, f"no scene {position} in this index ({len(scenes)} scenes)")
+        from harma import storage
+
+        data = await asyncio.to_thread(storage.read_bytes, storage.join(loaded.uri, scenes[position]["quicklook"]))
+        return Response(data, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
     async def _image_search(self, request: Request, target: str) -> JSONResponse:
         from harma.serve.encoder import UnreadableImageError

@@ -267,6 +267,28 @@ def _embed_index_images(encoder, cfg: IndexConfig, ids: list[str]) -> np.ndarray
                            for i in range(0, len(pixels), 64)])
 
 
+QUICKLOOK_PIXELS = 512  # long side of a scene's overview image in a scene index
+
+
+def _quicklooks(cfg: IndexConfig, scenes: list[dict], bad: set[str], meta: dict) -> list[dict]:
+    """Each indexed scene's overview PNG written under `<index>/quicklooks/` (one Ray task per
+    scene, reading the COG's overviews), and the scene list the manifest keeps: id, time, size,
+    corners, the overview's file (named by position, never by the scene id)."""
+    from harma.geo.radiometry import PRESETS
+    from harma.geo.reader import make_quicklook
+
+    times = dict(zip(meta["scene"], meta["datetime"], strict=True))
+    wanted = [s for s in scenes if s["scene"] not in bad and s["scene"] in times]
+    task = ray.remote(num_cpus=READ_CPUS)(make_quicklook)
+    looks = ray.get([task.remote(s["uri"], PRESETS[cfg.geo.preset], QUICKLOOK_PIXELS) for s in wanted])
+    listed = []
+    for i, (scene, look) in enumerate(zip(wanted, looks, strict=True)):
+        name = f"quicklooks/{i:05d}.png"
+        storage.write_bytes(storage.join(cfg.output_uri, name), look.pop("png"))
+        listed.append({"scene": scene["scene"], "datetime": times[scene["scene"]], "quicklook": name, **look})
+    return listed
+
+
 def _check_bad_scenes(bad: list[dict], scenes: int, max_fraction: float, corpus_uri: str) -> None:
     if scenes and len(bad) / scenes > max_fraction:
         listed = "; ".join(f"{b['uri']}: {b['reason']}" for b in bad[:5])
@@ -332,7 +354,8 @@ def build_index(cfg: IndexConfig, progress=log.info) -> dict[str, Any]:
             eta = f", ETA {(total - done) / max(rate, 1e-9):.0f} s" if total else ""
             progress(f"  {'tiles' if geo else 'images'} {done}{f'/{total}' if total else ''} ({rate:.0f}/s{eta})")
             last = time.perf_counter()
-    meta["label"] = [None if v is None else str(v) for v in meta["label"]]
+    # a missing label may come back from Ray Data's numpy blocks as NaN
+    meta["label"] = [None if v is None or (isinstance(v, float) and v != v) else str(v) for v in meta["label"]]
     meta["image_id"] = [int(v) for v in meta["image_id"]]
     meta["id"] = [str(v) for v in meta["id"]]
     meta["source"] = [str(v) for v in meta["source"]]
@@ -347,6 +370,7 @@ def build_index(cfg: IndexConfig, progress=log.info) -> dict[str, Any]:
             meta[key] = [str(v) for v in meta[key]]
         for key in ("centre_lon", "centre_lat", "gsd"):
             meta[key] = [float(v) for v in meta[key]]
+        scene_list = _quicklooks(cfg, archive["scenes"], {b["scene"] for b in skipped}, meta)
         progress(f"  {done} tiles: {len(meta['id'])} embedded, {nodata_tiles} mostly nodata skipped, "
                  f"{len(skipped)} scene(s) skipped")
         for bad in skipped[:10]:
@@ -391,7 +415,7 @@ def build_index(cfg: IndexConfig, progress=log.info) -> dict[str, Any]:
         "skipped": skipped,
         "thumbnails": bool(cfg.thumbnail_size),
         **({"geo": {"crs": "OGC:CRS84", "scenes": len(archive["scenes"]) + len(archive["bad"]) - len(skipped),
-                    "tiles_nodata": nodata_tiles, **cfg.geo.model_dump()}} if geo else {}),
+                    "tiles_nodata": nodata_tiles, "scene_list": scene_list, **cfg.geo.model_dump()}} if geo else {}),
         "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "build_seconds": round(time.perf_counter() - t0, 2),
         "precision": precision_record(cfg, image_emb, caption_emb, captions, meta, progress),

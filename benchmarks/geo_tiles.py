@@ -1,0 +1,185 @@
+"""Scene-archive benchmark: tiles/s per core the index build's read pipeline delivers from COGs in
+the local S3 store, against bare rasterio windowed reads of the same tiles in the same run; and the
+peak memory per Ray worker of an index build over a scene whose full decode exceeds 1 GiB.
+
+    .ci/venv python benchmarks/geo_tiles.py [--scenes 4] [--scene-size 4096] [--big-size 12000] \\
+        [--out benchmarks/results/geo_tiles.json] [--smoke]
+
+Both sides read the same windows (tiles of 256 px every 128, resampled to ViT-B-32's 224 px) through
+the same radiometric preset (harma.geo.reader.read_tile) from a SeaweedFS store on 127.0.0.1 (the
+tests' `weed mini`; or the store `AWS_ENDPOINT_URL` names). Bare: one process, one core, a loop
+over the scenes' windows. Pipeline: harma.geo.corpus.tile_dataset (a header task per scene, a read
+task per unit of windows) on every core of a local Ray; its rate is divided by the cores. Target:
+pipeline per core >= 0.8 x bare. Memory: `harma index build` (harma-tiny, random weights) over one
+scene of `--big-size` pixels a side (4 uint16 bands: 12,000 px decode to 1.07 GiB), the resident
+memory (RSS, shared object-store pages it touched included) of every Ray worker process sampled
+every 0.2 s, by role (scene reader tasks; the embedding actor, which holds torch and the model);
+target: the largest under 1 GiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+GEO = {"tile_size": 256, "tile_stride": 128, "target_gsd": None, "preset": "generic", "max_nodata_fraction": 0.5,
+       "max_bad_fraction": 0.1, "windows_per_task": 256, "tiles_per_output": 16}
+
+
+def bare_rate(scenes: list[dict], size: int) -> tuple[float, int]:
+    import rasterio
+
+    from harma.geo.radiometry import PRESETS
+    from harma.geo.reader import read_header, read_tile, scene_env
+    from harma.geo.tiling import plan_tiles
+
+    t0, n = time.perf_counter(), 0
+    with scene_env():
+        for scene in scenes:
+            header = read_header(scene["uri"], PRESETS["generic"])
+            with rasterio.open(scene["uri"]) as ds:
+                for window in plan_tiles(header.width, header.height, GEO["tile_size"], GEO["tile_stride"]):
+                    read_tile(ds, window, size, PRESETS["generic"])
+                    n += 1
+    return n / (time.perf_counter() - t0), n
+
+
+def pipeline_rate(scenes: list[dict], size: int) -> tuple[float, int]:
+    from harma.geo.corpus import tile_dataset
+
+    tile_dataset(scenes[:1], GEO, size).materialize()  # warm-up: worker processes up, imports done
+    t0 = time.perf_counter()
+    n = sum(len(b["id"]) for b in tile_dataset(scenes, GEO, size).iter_batches(batch_size=None, batch_format="numpy"))
+    return n / (time.perf_counter() - t0), n
+
+
+def build_peak_rss(stac: str, workdir: str) -> dict:
+    """Peak RSS of each Ray worker process while `build_index` indexes the archive."""
+    import psutil
+
+    from harma.config import IndexConfig, ModelConfig, PlatformConfig
+    from harma.model.checkpoint import save_checkpoint
+    from harma.model.harma import build_model
+    from harma.serve.build import build_index
+
+    model = ModelConfig.model_validate({"backbone": {"arch": "harma-tiny"}})
+    ckpt = os.path.join(workdir, "ckpt")
+    save_checkpoint(ckpt, build_model(model, seed=0), PlatformConfig(model=model), {})
+    peaks: dict[tuple[int, str], int] = {}  # (pid, role) -> peak RSS while in that role
+    unique: dict[tuple[int, str], int] = {}  # the same for USS (memory no other process shares)
+    stop = threading.Event()
+
+    def role(cmd: str) -> str:  # a worker process's title names the task or actor it runs
+        if "ImageEmbedder" in cmd:
+            return "embedding actor"
+        return "scene reader" if ("read_unit" in cmd or "plan_scene" in cmd) else "other"
+
+    def sample() -> None:
+        while not stop.is_set():
+            for proc in psutil.process_iter(["pid", "cmdline", "memory_info"]):
+                cmd = " ".join(proc.info["cmdline"] or [])
+                if cmd.startswith("ray::") and proc.info["memory_info"] is not None:
+                    key = (proc.info["pid"], role(cmd))
+                    peaks[key] = max(peaks.get(key, 0), proc.info["memory_info"].rss)
+                    try:
+                        unique[key] = max(unique.get(key, 0), proc.memory_full_info().uss)
+                    except psutil.Error:
+                        pass
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    t0 = time.perf_counter()
+    manifest = build_index(IndexConfig(checkpoint_uri=ckpt, corpus_uri=stac, corpus_format="geotiff",
+                                       output_uri=os.path.join(workdir, "index"), captions=False, batch_size=64),
+                           progress=lambda _: None)
+    seconds = time.perf_counter() - t0
+    stop.set()
+    sampler.join()
+    by_role = {r: max((v for (_, rr), v in peaks.items() if rr == r), default=0) / 2**20
+               for r in ("scene reader", "embedding actor", "other")}
+    uss = {r: max((v for (_, rr), v in unique.items() if rr == r), default=0) / 2**20
+           for r in ("scene reader", "embedding actor", "other")}
+    return {"tiles": manifest["images"], "seconds": seconds, "worker_processes": len({p for p, _ in peaks}),
+            "peak_rss_mib_largest_worker": max(peaks.values(), default=0) / 2**20, "peak_rss_mib_by_role": by_role,
+            "peak_uss_mib_by_role": uss, "target_mib": 1024}
+
+
+def _store():
+    """(S3 root to write to, a stop function): the store AWS_ENDPOINT_URL names, or a fresh weed mini."""
+    if os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("HARMA_S3_ENDPOINT"):
+        return os.environ.get("HARMA_BENCH_S3_ROOT", "s3://harma-bench"), lambda: None
+    sys.path.insert(0, str(REPO / "tests"))
+    from s3server import start_s3_server
+
+    server = start_s3_server(Path(tempfile.mkdtemp(prefix="geo-bench-s3-")))
+    os.environ.update(server.env())
+    server.create_bucket("geo-bench")
+    return "s3://geo-bench", server.stop
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--scenes", type=int, default=4)
+    parser.add_argument("--scene-size", type=int, default=4096, help="4 x 4096 px: 3,844 tiles, past Ray Data's start-up")
+    parser.add_argument("--big-size", type=int, default=12000, help="the memory run's scene, pixels a side")
+    parser.add_argument("--size", type=int, default=224, help="model input the tiles are resampled to")
+    parser.add_argument("--out", default="benchmarks/results/geo_tiles.json")
+    parser.add_argument("--smoke", action="store_true", help="seconds, tiny sizes (CI runs it)")
+    args = parser.parse_args()
+    if args.smoke:
+        args.scenes, args.scene_size, args.big_size, args.size = 1, 512, 768, 64
+
+    import ray
+    from harma.geo.corpus import list_scenes
+    from harma.geo.scenes import synthesize_scenes
+
+    root, stop_store = _store()
+    cores = os.cpu_count() or 1
+    try:
+        synthesize_scenes(f"{root}/archive", args.scenes, seed=0, size=args.scene_size, progress=lambda _: None)
+        scenes, _ = list_scenes(f"{root}/archive/stac/items.json")
+        bare, n_bare = bare_rate(scenes, args.size)
+        ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        try:
+            piped, n_piped = pipeline_rate(scenes, args.size)
+            synthesize_scenes(f"{root}/big", 1, seed=1, size=args.big_size, progress=lambda _: None)
+            with tempfile.TemporaryDirectory() as tmp:
+                memory = build_peak_rss(f"{root}/big/stac/items.json", tmp)
+        finally:
+            ray.shutdown()
+    finally:
+        stop_store()
+    assert n_bare == n_piped, f"bare read {n_bare} tiles, the pipeline {n_piped}"
+    per_core = piped / cores
+    decoded_gib = 4 * 2 * args.big_size ** 2 / 2**30
+    result = {"tiles": n_bare, "scenes": args.scenes, "scene_size": args.scene_size, "tile_size": GEO["tile_size"],
+              "stride": GEO["tile_stride"], "out_size": args.size, "cores": cores, "bare_tiles_per_s_1core": bare,
+              "pipeline_tiles_per_s": piped, "pipeline_tiles_per_s_per_core": per_core,
+              "ratio_per_core": per_core / bare, "target": 0.8,
+              "memory": {"scene_size": args.big_size, "full_decode_gib": decoded_gib, **memory}, "smoke": args.smoke}
+    print(f"{'':<34}{'tiles/s':>10}{'per core':>10}")
+    print(f"{'bare rasterio (1 core)':<34}{bare:>10.1f}{bare:>10.1f}")
+    print(f"{'pipeline (' + str(cores) + ' cores)':<34}{piped:>10.1f}{per_core:>10.1f}")
+    print(f"ratio per core: {per_core / bare:.2f} (target >= 0.8), {n_bare} tiles of {args.scenes} scene(s) of "
+          f"{args.scene_size} px")
+    print(f"index build over a {args.big_size} px scene (full decode {decoded_gib:.2f} GiB): {memory['tiles']} tiles in "
+          f"{memory['seconds']:.0f} s, largest worker peak {memory['peak_rss_mib_largest_worker']:.0f} MiB "
+          f"(target < 1024) over {memory['worker_processes']} worker processes; by role: "
+          + ", ".join(f"{r} {v:.0f} MiB (USS {memory['peak_uss_mib_by_role'][r]:.0f})"
+                      for r, v in memory["peak_rss_mib_by_role"].items()))
+    from harma import storage
+
+    storage.write_json(args.out, result)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
