@@ -171,6 +171,15 @@ class _Loaded:
 
 # Module functions the deployment calls are defined above it: Serve pickles the class with the
 # module globals as they are at its definition.
+def _scene_info(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A scene index's scenes for /v1/info (each with its overview's URL); nothing for other indexes."""
+    listed = (manifest.get("geo") or {}).get("scene_list")
+    if not listed:
+        return {}
+    return {"scenes": [{k: v for k, v in sc.items() if k != "quicklook"} | {"quicklook": f"v1/quicklooks/{i}"}
+                       for i, sc in enumerate(listed)]}
+
+
 def _suppress(index: EmbeddingIndex, scores: list[float], rows: list[int], k: int) -> tuple[list[float], list[int]]:
     """The best `k` of the candidates after non-maximum suppression on their footprints."""
     kept = set(suppress_overlaps(rows, index.tiles.geometries)[:k])
@@ -372,9 +381,7 @@ class Retriever:
             "index_uri": self.state.uri,
             "index": {"images": self.state.index.size, "captions": self.state.index.caption_count,
                       "built_at": manifest.get("built_at"), "corpus_uri": manifest.get("corpus_uri"),
-                      "precision": manifest.get("precision"),
-                      "scenes": [{k: v for k, v in sc.items() if k != "quicklook"} | {"quicklook": f"v1/quicklooks/{i}"}
-                                 for i, sc in enumerate((manifest.get("geo") or {}).get("scene_list", []))]},
+                      "precision": manifest.get("precision"), **_scene_info(manifest)},
             "limits": self.limits.model_dump(),
             "batching": {"max_batch_size": self.args.max_batch_size,
                          "batch_wait_timeout_s": self.args.batch_wait_timeout_s,
