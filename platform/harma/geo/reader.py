@@ -151,17 +151,16 @@ def make_quicklook(uri: str, preset: RadiometricPreset, longest: int = 512) -> d
     from PIL import Image
     from rasterio.enums import Resampling
 
-    from harma.geo.tiling import to_wgs84
+    from harma.geo.tiling import to_wgs84, window_ring
 
     with scene_env(), rasterio.open(gdal_path(uri)) as ds:
         scale = longest / max(ds.width, ds.height)
         w, h = max(1, round(ds.width * scale)), max(1, round(ds.height * scale))
         dn = ds.read(list(preset.rgb_bands), out_shape=(3, h, w), resampling=Resampling.average)
         valid = ds.read_masks(1, out_shape=(h, w), resampling=Resampling.nearest) > 0
-        t = Affine(*tuple(ds.transform)[:6])
-        xs, ys = zip(*(t * (c, r) for c, r in ((0, 0), (ds.width, 0), (ds.width, ds.height), (0, ds.height))), strict=True)
+        corners = window_ring(Affine(*tuple(ds.transform)[:6]), (0, 0, ds.width, ds.height), points=2)[:4]
         epsg = ds.crs.to_epsg()
-        lon, lat = to_wgs84(f"EPSG:{epsg}" if epsg else ds.crs.to_wkt(), list(xs), list(ys))
+        lon, lat = to_wgs84(f"EPSG:{epsg}" if epsg else ds.crs.to_wkt(), corners[:, 0], corners[:, 1])
         size = (ds.width, ds.height)
     buf = io.BytesIO()
     Image.fromarray(to_rgb8(dn, preset, valid).transpose(1, 2, 0)).save(buf, format="PNG")

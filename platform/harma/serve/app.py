@@ -187,19 +187,6 @@ def _suppress(index: EmbeddingIndex, scores: list[float], rows: list[int], k: in
     return [s for s, _ in pairs], [r for _, r in pairs]
 
 
-def _mask(index: EmbeddingIndex, job: _Job, target: str) -> np.ndarray | None:
-    """The job's metadata filters and place/time filters as one mask over the target gallery."""
-    mask = index.image_mask(job.filters)
-    place = index.place_mask(job.place)
-    if place is not None:
-        mask = place if mask is None else mask & place
-    if target == "captions" and mask is not None:
-        if index.captions is None:
-            return None
-        return mask[np.asarray(index.captions["image_row"], dtype=np.int64)]
-    return mask
-
-
 def _page_html() -> str:
     return resources.files("harma.serve").joinpath("page.html").read_text()
 
@@ -305,7 +292,7 @@ class Retriever:
             masks, ks = [], []
             for i in rows:
                 try:
-                    masks.append(_mask(index, jobs[i], target))
+                    masks.append(index.search_mask(target, jobs[i].filters, jobs[i].place))
                 except ValueError as err:
                     masks.append(None)
                     answers[i] = ApiError(422, str(err))

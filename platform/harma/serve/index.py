@@ -143,10 +143,18 @@ class EmbeddingIndex:
 
     def caption_mask(self, filters: dict[str, str | list[str]] | None) -> np.ndarray | None:
         """Captions whose image matches the filters."""
-        if self.captions is None:
-            return None
+        return self.search_mask("captions", filters)
+
+    def search_mask(self, target: str, filters: dict[str, str | list[str]] | None, place=None) -> np.ndarray | None:
+        """One mask over the `target` gallery ('images' | 'captions'): the metadata filters AND the
+        place/time filters (a caption kept when its image is); None = nothing filtered."""
         mask = self.image_mask(filters)
-        return None if mask is None else mask[np.asarray(self.captions["image_row"], dtype=np.int64)]
+        where = self.place_mask(place)
+        if where is not None:
+            mask = where if mask is None else mask & where  # a new array: image_mask's are cached
+        if target == "images" or mask is None:
+            return mask
+        return None if self.captions is None else mask[np.asarray(self.captions["image_row"], dtype=np.int64)]
 
     def image_result(self, row: int, score: float) -> dict[str, Any]:
         hit = {"id": self.images["id"][row], "score": score,
