@@ -13,6 +13,7 @@ from harma.data.datasets import (
     plan_units,
     read_unit,
     stream_units,
+    visit_parts,
 )
 from harma.data.schema import PARQUET_SCHEMA
 
@@ -54,6 +55,18 @@ def test_visits_are_tasks_of_their_own_and_count_towards_keeping_the_cluster_bus
     assert {u["visits"] for u in units} == {5}
     # 1 shard, 8 CPUs, 2 visits: ceil(16 / 2) = 8 parts, each visited twice
     assert len(plan_units(["a"], 8, visits=2)) == 16
+
+
+def test_visited_shards_are_cut_so_a_task_emits_an_eighth_of_the_shuffle_buffer_at_most():
+    # 40-image shards against a 64-pair buffer: 8 pairs a task -> 5 parts; 512 against 2,048: 2
+    assert visit_parts(40, 64) == 5 and visit_parts(512, 2048) == 2 and visit_parts(100, 2048) == 1
+    assert visit_parts(0, 64) == 1 and visit_parts(41, 64) == 6
+    # min_parts wins over a busy cluster's plan, and the whole-shard reads stay bounded
+    units = plan_units(["a", "b"], 1, visits=5, min_parts=5)
+    assert len(units) == 50 and {u["parts"] for u in units} == {5}
+    assert sorted({(u["part"], u["visit"]) for u in units if u["path"] == "a"}) == \
+        [(p, v) for p in range(5) for v in range(5)]
+    assert {u["parts"] for u in plan_units(["a"], 1, visits=5, min_parts=50)} == {MAX_PARTS_PER_SHARD}
 
 
 def test_the_parts_of_a_shard_cover_every_image_once_each_a_contiguous_range(shard):

@@ -61,6 +61,10 @@ DECODED_BYTES = 256 << 20
 BLOCK_BYTES = 8 << 20
 UNITS_PER_CPU = 2  # stream tasks per logical CPU of the cluster an epoch is planned for, at least
 MAX_PARTS_PER_SHARD = 8  # a part reads its whole shard: bound the extra reads of a small dataset
+# With several visits, a task emits at most 1/8 of a worker's shuffle buffer: a task's own pairs are
+# never two captions of one image, so a task that fills much of what Ray's batcher shuffles at once
+# (0.5-1.5 x the buffer) keeps siblings apart (batches fall short of uniform by about its share).
+TASKS_PER_SHUFFLE_BUFFER = 8
 STREAM_COLUMNS = ["image", "image_key", "image_id", "captions"]
 # Ray Data's Parquet reader (2.60) lists files through 32 footer-reading actors, new processes,
 # started again at every execution (it made each training epoch's first batch wait 4-8 s when the
@@ -173,11 +177,13 @@ def _pair_columns(chunk: list[tuple[np.ndarray | None, str, int, str]], context_
             "bad_key": np.array([b for *_, b in chunk], dtype=object)}
 
 
-def plan_units(paths: list[str], cpus: float, visits: int = 1) -> list[dict]:
+def plan_units(paths: list[str], cpus: float, visits: int = 1, min_parts: int = 1) -> list[dict]:
     """Stream tasks of one epoch: each shard whole, or in `parts` row ranges when the shards are
-    fewer than `UNITS_PER_CPU` x `cpus` (a small dataset still keeps every core busy); each of
-    those `visits` times, a task per visit (`caption_visit`: the pairs it emits)."""
-    parts = max(1, min(MAX_PARTS_PER_SHARD, math.ceil(UNITS_PER_CPU * cpus / max(1, len(paths) * visits))))
+    fewer than `UNITS_PER_CPU` x `cpus` (a small dataset still keeps every core busy) or when
+    `min_parts` asks for them (`visit_parts`), at most `MAX_PARTS_PER_SHARD`; each of those
+    `visits` times, a task per visit (`caption_visit`: the pairs it emits)."""
+    busy = math.ceil(UNITS_PER_CPU * cpus / max(1, len(paths) * visits))
+    parts = max(1, min(MAX_PARTS_PER_SHARD, max(busy, min_parts)))
     return [{"path": p, "part": i, "parts": parts, "visit": v, "visits": visits}
             for p in paths for i in range(parts) for v in range(visits)]
 
@@ -188,6 +194,12 @@ def caption_visit(image_id: int, caption: int, visits: int) -> int:
     ceil(c / visits) or floor(c / visits) of them in each visit, and every visit has a share of
     the images' first captions."""
     return (image_id + caption) % visits
+
+
+def visit_parts(images_per_shard: float, shuffle_buffer_pairs: int) -> int:
+    """Parts a shard is cut into when its images are visited several times: enough that a visit's
+    task (one pair per image of its part) emits at most 1/`TASKS_PER_SHUFFLE_BUFFER` of the buffer."""
+    return max(1, math.ceil(images_per_shard * TASKS_PER_SHUFFLE_BUFFER / max(1, shuffle_buffer_pairs)))
 
 
 def image_visits(captions_per_image: list[int], shuffle_buffer_pairs: int) -> int:
@@ -247,15 +259,16 @@ def stream_units(
 def image_stream(
     files: list[str], unit_fn: Callable[..., Iterator[dict]], unit_kwargs: dict | None = None,
     seed: int | None = None, cpus: float | None = None, block_bytes: int = BLOCK_BYTES, visits: int = 1,
+    min_parts: int = 1,
 ) -> ray.data.Dataset:
     """`unit_fn` (`emit_pairs`, `image_chunks`: a task's image rows -> its outputs) over the prepared
     shards `files` (URIs), in one stream task per planned unit (`plan_units`, for `cpus` logical
-    CPUs: the cluster's by default, and `visits` visits of every row: `emit_pairs` only) with
-    `STREAM_CPUS` each; units in a new order every execution."""
+    CPUs: the cluster's by default, `visits` visits of every row: `emit_pairs` only, and shards cut
+    into at least `min_parts` parts) with `STREAM_CPUS` each; units in a new order every execution."""
     # The driver's filesystem (endpoint and credentials) goes to the tasks with them.
     fs, _ = storage.resolve(files[0])
     cpus = cpus if cpus is not None else ray.cluster_resources().get("CPU", 1)
-    units = plan_units([storage.resolve(f)[1] for f in files], cpus, visits)
+    units = plan_units([storage.resolve(f)[1] for f in files], cpus, visits, min_parts)
     # The shard list is listed once, here: no listing task or Parquet footer-reading actor (a new
     # process) at the start of every epoch, as ray.data.read_parquet has. Read, decode and the rest
     # share one task: separate read, repartition and 32-image decode tasks cost more in Ray per image
@@ -292,13 +305,15 @@ def build_train_dataset(
 ) -> ray.data.Dataset:
     """The training stream of `data.prepared_uri`'s train split (seeded if `data.deterministic`):
     `image_stream` of `emit_pairs` on every core, each image visited `resolve_image_visits` times
-    an epoch. `captions`: the split's caption counts when the caller has them (else read).
-    `stream_options`: `image_stream`'s keyword arguments and `pairs_per_chunk`."""
+    an epoch, its shards cut into `visit_parts` when visited more than once. `captions`: the
+    split's caption counts when the caller has them (else read). `stream_options`:
+    `image_stream`'s keyword arguments and `pairs_per_chunk`."""
     fixed = seed if data.deterministic else None
     chunk = stream_options.pop("pairs_per_chunk", PAIRS_PER_CHUNK)
-    if captions is None and data.image_visits == "auto":
+    files = split_files(data.prepared_uri, data.train_split)
+    if captions is None and data.image_visits != 1 and data.batch_composition != "image_grouped":
         captions = captions_per_image(data.prepared_uri, data.train_split)
     visits = resolve_image_visits(data, captions or [])
-    return image_stream(split_files(data.prepared_uri, data.train_split), emit_pairs,
-                        train_pair_options(data, image_size, context_length, chunk), fixed, visits=visits,
-                        **stream_options)
+    parts = visit_parts(len(captions or []) / max(1, len(files)), data.shuffle_buffer_pairs) if visits > 1 else 1
+    return image_stream(files, emit_pairs, train_pair_options(data, image_size, context_length, chunk), fixed,
+                        visits=visits, min_parts=parts, **stream_options)
