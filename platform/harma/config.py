@@ -337,6 +337,20 @@ class TuneConfig(_Section):
 # --------------------------------------------------------------------------------------------
 # index
 # --------------------------------------------------------------------------------------------
+class AnnConfig(_Section):
+    """Numbers of the approximate index (`index.ann`, harma.index.ann); 0 = chosen by rule."""
+
+    memory_budget_bytes: int = Field(
+        8 << 30, ge=1, description="RAM a replica may give the vectors: `auto` scans exactly only while "
+        "float32 vectors fit, and refuses an ivf_pq index whose codes do not.")
+    nlist: int = Field(0, ge=0, description="IVF cells (0: the power of two nearest sqrt(N)).")
+    nprobe: int = Field(0, ge=0, description="IVF cells a query scans (0: max(8, nlist / 32)).")
+    pq_m: int = Field(0, ge=0, description="ivf_pq bytes a vector (0: embedding size / 8).")
+    hnsw_m: int = Field(32, ge=4, description="hnsw links a vector.")
+    ef_search: int = Field(0, ge=0, description="hnsw candidate list a query (0: 256).")
+    rerank: int = Field(50, ge=1, description="Candidates re-scored exactly from the fp16 vectors: rerank x k.")
+
+
 class GeoIndexConfig(_Section):
     """How a GeoTIFF scene archive (`index.corpus_format: geotiff`) is cut into tiles."""
 
@@ -375,6 +389,10 @@ class IndexConfig(_Section):
         "(.json) or a folder/s3:// prefix of GeoTIFF scenes.")
     corpus_format: Literal["prepared", "images", "geotiff"] = "prepared"
     geo: GeoIndexConfig = GeoIndexConfig()
+    ann: Literal["auto", "exact", "hnsw", "ivf_flat", "ivf_pq"] = Field(
+        "auto", description="Image search: exact scan, or a FAISS index re-ranked exactly; auto: exact "
+        "under 50,000 images (within ann_params.memory_budget_bytes), ivf_pq beyond (harma.index.ann).")
+    ann_params: AnnConfig = AnnConfig()
     splits: list[str] = Field(
         default_factory=lambda: ["test"], description="Prepared splits to index (prepared corpus).")
     output_uri: str = Field(description="Where the index goes (folder or s3:// prefix).")

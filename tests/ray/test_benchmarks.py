@@ -20,6 +20,7 @@ KEYS = {
     "serve_latency.py": ("overhead_p50_ms", "throughput_ratio", "direct_batched_qps"),
     "paper_table.py": ("variants", "verdict"),
     "batch_composition.py": ("rows", "train_images"),
+    "ann.py": ("rows", "sizing_100m"),
     "place_search.py": ("models", "mean_precision_gain"),
     "geo_tiles.py": ("ratio_per_core", "bare_tiles_per_s_1core", "pipeline_tiles_per_s", "memory"),
 }

@@ -176,6 +176,9 @@ def service(corpus):
     ray.serve.shutdown()
 
 
+SERVED_ANN: list[str] = []  # set by the approximate-index test, read by the metrics test
+
+
 def _png_of(corpus, key: str) -> bytes:
     return (Path(corpus["data"]) / "images" / key).read_bytes()
 
@@ -522,6 +525,92 @@ def test_index_swap_under_load_needs_no_restart_and_drops_nothing(service, tmp_p
         time.sleep(0.5)
     _stop(back)
     assert requests.get(url + "v1/info", timeout=30).json()["index"]["images"] == 40
+
+
+def test_an_approximate_index_serves_the_exact_answers_with_its_filters(service, tmp_path):
+    """`index.ann: hnsw` over the same corpus, swapped in through user_config: the replica searches
+    FAISS and re-scores from the mapped fp16 vectors; 40 images, so every one is a candidate and the
+    answers are the exact index's (scores to fp16's precision)."""
+    from harma.config import IndexConfig
+    from harma.serve.build import build_index
+
+    url = service["url"]
+    approx = str(tmp_path / "index-hnsw")
+    manifest = build_index(IndexConfig(checkpoint_uri=service["a"], corpus_uri=service["store"],
+                                       splits=["train", "val", "test"], output_uri=approx, batch_size=8,
+                                       captions=False, ann="hnsw"))
+    assert manifest["ann"]["kind"] == "hnsw" and manifest["ann"]["ef_search"] == 256
+    queries = [{"text": "three storage tanks next to a river", "k": 5},
+               {"text": "a river", "k": 50, "filters": {"split": "test"}}]
+    exact = [requests.post(url + "v1/text-to-images", json=q, timeout=30).json()["results"] for q in queries]
+    swap = _harma_serve(_serve_config(tmp_path / "hnsw.yaml", service["port"], service["a"], service["index_all"],
+                                      user_index=approx))
+    deadline = time.time() + 60
+    while time.time() < deadline and requests.get(url + "v1/info", timeout=30).json()["index_uri"] != approx:
+        time.sleep(0.5)
+    _stop(swap)
+    info = requests.get(url + "v1/info", timeout=30).json()
+    assert info["index"]["ann"]["kind"] == "hnsw"
+    answers = [requests.post(url + "v1/text-to-images", json=q, timeout=30).json()["results"] for q in queries]
+    back = _harma_serve(_serve_config(tmp_path / "back.yaml", service["port"], service["a"], service["index_all"],
+                                      user_index=service["index_all"]))
+    deadline = time.time() + 60
+    while time.time() < deadline and requests.get(url + "v1/info", timeout=30).json()["index_uri"] != service["index_all"]:
+        time.sleep(0.5)
+    _stop(back)
+    for want, got in zip(exact, answers, strict=True):
+        assert [h["id"] for h in got] == [h["id"] for h in want]
+        np.testing.assert_allclose([h["score"] for h in got], [h["score"] for h in want], atol=2e-3)
+    assert len(answers[1]) == 6 and {h["metadata"]["split"] for h in answers[1]} == {"test"}
+    assert "ann" not in requests.get(url + "v1/info", timeout=30).json()["index"]
+    SERVED_ANN.append(approx)
+
+
+def _scrape(needles: list[str], seconds: float = 90) -> dict[tuple, float]:
+    """Ray's metrics endpoints of the cluster's nodes, polled until every needle shows:
+    {(name, sorted label items): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    import ray
+
+    ports = sorted({n["MetricsExportPort"] for n in ray.nodes() if n["Alive"]})
+    deadline, text = time.time() + seconds, ""
+    while time.time() < deadline:
+        text = "".join(requests.get(f"http://127.0.0.1:{p}/metrics", timeout=10).text for p in ports)
+        if all(n in text for n in needles):
+            break
+        time.sleep(2)
+    assert all(n in text for n in needles), [n for n in needles if n not in text]
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def _total(samples: dict[tuple, float], name: str, **labels: str) -> float:
+    return sum(v for (n, items), v in samples.items() if n == name and labels.items() <= dict(items).items())
+
+
+def test_replicas_export_their_metrics_on_rays_metrics_endpoint(service):
+    url = service["url"]
+    assert requests.post(url + "v1/text-to-images", json={"text": "", "k": 5}, timeout=30).status_code == 422
+    for _ in range(3):
+        requests.post(url + "v1/text-to-images", json={"text": "a river", "k": 3}, timeout=30).raise_for_status()
+    samples = _scrape(['ray_harma_request_errors_total{', 'endpoint="/v1/text-to-images"',
+                       "ray_harma_queries_per_forward_pass_count", "ray_harma_index_images"])
+    for (name, items), value in sorted(samples.items()):  # the scrape, for the record (pytest -s)
+        if name.startswith("ray_harma_") and not name.endswith("_bucket"):
+            print(name, {k: v for k, v in items if k in ("endpoint", "status", "kind", "version")}, value)
+    text_200 = _total(samples, "ray_harma_request_latency_ms_count", endpoint="/v1/text-to-images", status="200")
+    assert text_200 >= 3
+    assert _total(samples, "ray_harma_request_errors_total", endpoint="/v1/text-to-images", status="422") >= 1
+    assert _total(samples, "ray_harma_request_errors_total", status="200") == 0  # errors are 4xx/5xx only
+    assert _total(samples, "ray_harma_queries_per_forward_pass_count", kind="text") >= 3
+    images = [v for (n, items), v in samples.items() if n == "ray_harma_index_images" and ("kind", "exact") in items]
+    assert max(images) == 40
+    assert any(n == "ray_harma_queue_depth" for n, _ in samples)
+    if SERVED_ANN:  # the approximate index served above: its re-ranking counted, its gauge back to 0
+        assert _total(samples, "ray_harma_ann_candidates_reranked_total") >= 40
+        hnsw = [v for (n, items), v in samples.items() if n == "ray_harma_index_images" and ("kind", "hnsw") in items]
+        assert hnsw and max(hnsw) == 0
 
 
 def test_autoscaling_and_a_killed_replica_under_load(service, tmp_path):

@@ -70,6 +70,8 @@ from harma.serve.api import (
 )
 from harma.serve.coalesce import BatchCoalescer
 from harma.serve.index import EmbeddingIndex, check_index_matches, search_batch
+from harma.serve.metrics import current as current_metrics
+from harma.serve.metrics import install as install_metrics
 
 log = logging.getLogger("harma.serve")
 
@@ -80,6 +82,34 @@ api = FastAPI(
     description="Remote-sensing image-text retrieval with HarMA adapters: text -> images, "
     "image -> captions, image -> images. Errors are JSON: {\"error\": {\"status\", \"message\"}}.",
 )
+class _Measured:
+    """ASGI middleware: every HTTP answer's latency and status into the replica's metrics, by route
+    template (harma.serve.metrics; a plain ASGI wrapper, not BaseHTTPMiddleware, whose extra task
+    per request costs a replica on 2 cores)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), [500]
+
+        async def send_with_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            metrics = current_metrics()
+            if metrics is not None:
+                metrics.request(getattr(scope.get("route"), "path", "unmatched"), status[0],
+                                time.perf_counter() - started)
+
+
+api.add_middleware(_Measured)
 _ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 413, 415, 422)}
 _SEARCH_RESPONSES = {**_ERRORS, 200: {"model": SearchResponse}}
 
@@ -221,9 +251,12 @@ class Retriever:
         self.fingerprint = checkpoint_fingerprint(self.args.checkpoint_uri)
         self._api_key = os.environ.get(self.args.api_key_env, "").encode()
         self.state = self._load(self.args.index_uri)
+        self.metrics = install_metrics()
+        self.metrics.index(self.state.index.manifest, self.state.index.size)
         # The replica's dynamic batching (see coalesce.py for why not Serve's @serve.batch).
         self._coalescers = {kind: BatchCoalescer(functools.partial(self._answer, kind), self._model_thread.executor,
-                                                 self.args.max_batch_size, self.args.batch_wait_timeout_s)
+                                                 self.args.max_batch_size, self.args.batch_wait_timeout_s,
+                                                 functools.partial(self.metrics.forward_pass, kind))
                             for kind in ("text", "image")}
         log.info("Retriever ready: %s, index %s (%d images) on %s (towers %s), auth %s",
                  self.args.checkpoint_uri, self.args.index_uri, self.state.index.size, self.encoder.device,
@@ -237,7 +270,8 @@ class Retriever:
         check_index_matches(read_manifest(uri), self.args.checkpoint_uri, self.fingerprint)
         index = load_index(uri)
         device = self.encoder.device
-        galleries = {"images": torch.from_numpy(index.image_emb).to(device)}
+        # An approximate index searches its FAISS structure (index.ann), not a tensor on the device.
+        galleries = {} if index.ann is not None else {"images": torch.from_numpy(index.image_emb).to(device)}
         if index.caption_emb is not None:
             galleries["captions"] = torch.from_numpy(index.caption_emb).to(device)
         return _Loaded(uri, index, galleries)
@@ -251,6 +285,7 @@ class Retriever:
         if uri and uri != self.state.uri:
             loaded = await asyncio.get_running_loop().run_in_executor(None, self._load, uri)
             self.state = loaded  # requests already in a batch finish on the old index
+            self.metrics.index(loaded.index.manifest, loaded.index.size)
             log.info("index replaced: %s (%d images)", uri, loaded.index.size)
 
     def check_health(self) -> None:
@@ -284,7 +319,7 @@ class Retriever:
             rows = [i for i, j in enumerate(jobs) if j.target == target]
             if not rows:
                 continue
-            if target not in loaded.galleries:
+            if target not in loaded.galleries and not (target == "images" and index.ann is not None):
                 for i in rows:
                     answers[i] = ApiError(422, "this index has no captions (built from an image "
                                                "folder or with index.captions=false)")
@@ -298,7 +333,11 @@ class Retriever:
                     answers[i] = ApiError(422, str(err))
                 suppress = target == "images" and jobs[i].nms and index.has_footprints
                 ks.append(min(jobs[i].k * NMS_POOL, index.size) if suppress else jobs[i].k)
-            found = search_batch(emb[rows], loaded.galleries[target], ks, masks)
+            if target == "images" and index.ann is not None:
+                found = index.ann.search(emb[rows].float().cpu().numpy(), ks, masks)
+                self.metrics.reranked(index.ann.take_reranked())
+            else:
+                found = search_batch(emb[rows], loaded.galleries[target], ks, masks)
             for i, (scores, hits) in zip(rows, found, strict=True):
                 if answers[i] is None:
                     if target == "images" and jobs[i].nms and index.has_footprints:
@@ -368,7 +407,8 @@ class Retriever:
             "index_uri": self.state.uri,
             "index": {"images": self.state.index.size, "captions": self.state.index.caption_count,
                       "built_at": manifest.get("built_at"), "corpus_uri": manifest.get("corpus_uri"),
-                      "precision": manifest.get("precision"), **_scene_info(manifest)},
+                      "precision": manifest.get("precision"), **_scene_info(manifest),
+                      **({"ann": manifest["ann"]} if self.state.index.ann is not None else {})},
             "limits": self.limits.model_dump(),
             "batching": {"max_batch_size": self.args.max_batch_size,
                          "batch_wait_timeout_s": self.args.batch_wait_timeout_s,

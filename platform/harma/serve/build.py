@@ -213,6 +213,22 @@ def _batches_of_whole_pool(ds: ray.data.Dataset, cfg: IndexConfig) -> Iterator[d
 PRECISION_SAMPLE_IMAGES = 2000  # images (with their captions) the bf16 cost is measured on
 
 
+def _approximate(cfg: IndexConfig, image_emb: np.ndarray, manifest: dict, progress) -> Any:
+    """The FAISS index of `index.ann` over the gallery (None for exact); its parameters go to the manifest."""
+    from harma.index.ann import build_ann, plan_ann
+
+    params = plan_ann(cfg.ann, len(image_emb), image_emb.shape[1], cfg.ann_params.memory_budget_bytes,
+                      **cfg.ann_params.model_dump(exclude={"memory_budget_bytes"}))
+    manifest["ann"] = params.to_manifest()
+    if params.kind == "exact":
+        return None
+    started = time.perf_counter()
+    ann_index = build_ann(image_emb, params, progress=progress)
+    manifest["ann"]["build_seconds"] = round(time.perf_counter() - started, 2)
+    progress(f"  ANN {params.kind} over {len(image_emb)} images in {manifest['ann']['build_seconds']} s")
+    return ann_index
+
+
 def precision_record(cfg: IndexConfig, image_emb: np.ndarray, caption_emb: np.ndarray | None,
                      captions: dict | None, meta: dict, progress=log.info) -> dict[str, Any]:
     """The index's numerics, and for an index of bf16 weights what they cost against the numerics
@@ -420,7 +436,8 @@ def build_index(cfg: IndexConfig, progress=log.info) -> dict[str, Any]:
         "build_seconds": round(time.perf_counter() - t0, 2),
         "precision": precision_record(cfg, image_emb, caption_emb, captions, meta, progress),
     }
-    save_index(cfg.output_uri, EmbeddingIndex(manifest, image_emb, meta, caption_emb, captions))
+    ann_index = _approximate(cfg, image_emb, manifest, progress)
+    save_index(cfg.output_uri, EmbeddingIndex(manifest, image_emb, meta, caption_emb, captions), ann_index)
     progress(f"index written to {cfg.output_uri}: {manifest['images']} images, {manifest['captions']} "
              f"captions, {manifest['build_seconds']:.0f} s")
     return manifest

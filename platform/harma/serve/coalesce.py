@@ -33,7 +33,7 @@ class BatchCoalescer(Generic[T, R]):
     a time, each call merging every group submitted while the previous one ran."""
 
     def __init__(self, run: Callable[[list[T]], list[R]], executor: Executor, max_items: int,
-                 wait_s: float = 0.0):
+                 wait_s: float = 0.0, on_call: Callable[[int, int], None] | None = None):
         if max_items < 1:
             raise ValueError(f"max_items must be >= 1, got {max_items}")
         if wait_s < 0:
@@ -47,6 +47,12 @@ class BatchCoalescer(Generic[T, R]):
         self._drainer: asyncio.Task | None = None
         self.calls = 0  # forward passes run
         self.items = 0  # queries they carried
+        self._on_call = on_call  # (queries in the call, queries still waiting), after each call
+
+    @property
+    def queued(self) -> int:
+        """Queries waiting for a call."""
+        return sum(len(items) for items, _ in self._pending)
 
     async def submit(self, items: list[T]) -> list[R]:
         """Results for `items`, computed in the next call the model thread makes."""
@@ -106,6 +112,8 @@ class BatchCoalescer(Generic[T, R]):
                 continue
             self.calls += 1
             self.items += len(flat)
+            if self._on_call is not None:
+                self._on_call(len(flat), self.queued)
             start = 0
             for items, fut in groups:
                 if not fut.done():

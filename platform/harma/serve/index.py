@@ -3,14 +3,18 @@
 Layout of an index (a folder or s3:// prefix), written by `harma index build`:
 
     manifest.json      format, checkpoint URI and fingerprint, counts, embedding size, corpus, time
-    images.npy         (N, D) float32 L2-normalised image embeddings
+    images.npy         (N, D) float32 L2-normalised image embeddings (an exact index)
+    images.f16.npy     (N, D) float16 image embeddings, memory-mapped (an approximate index:
+                       manifest `ann.kind` hnsw | ivf_flat | ivf_pq, harma.index.ann)
+    images.ann         the FAISS index over them (serialised), searched and re-ranked from images.f16.npy
     images.parquet     one row per image: id (the source key), source, image_id, split, label,
                        thumbnail (JPEG bytes, may be empty)
     captions.npy       (C, D) caption embeddings (only when captions were indexed)
     captions.parquet   one row per caption: caption, image (the id of its image), image_row
 
-Search is exact: one matrix product of the queries with the gallery on the replica's device, then
-top-k; metadata filters become a boolean mask over the gallery. Everything here is pure (numpy,
+Exact search: one matrix product of the queries with the gallery on the replica's device, then
+top-k; metadata filters become a boolean mask over the gallery. An approximate index hands the
+same masks to FAISS (harma.index.ann.AnnSearcher) and re-scores its candidates exactly. Everything here is pure (numpy,
 torch, pyarrow through `harma.storage`); Ray only builds indexes (`harma.serve.build`).
 """
 
@@ -78,6 +82,7 @@ class EmbeddingIndex:
     caption_emb: np.ndarray | None = None  # (C, D)
     captions: dict[str, list] | None = None  # caption, image, image_row
     row_of: dict[str, int] = field(init=False)
+    ann: Any = None  # harma.index.ann.AnnSearcher of an approximate index (image_emb: its fp16 vectors)
     _masks: dict[tuple, np.ndarray] = field(init=False, default_factory=dict)
     _tiles: Any = field(init=False, default=None)
 
@@ -224,10 +229,25 @@ def _parquet_bytes(columns: dict[str, list]) -> bytes:
     return buf.getvalue()
 
 
-def save_index(uri: str, index: EmbeddingIndex) -> None:
-    """Write an index (data files first, the manifest last: a reader never sees half an index)."""
+def _ann_kind(manifest: dict[str, Any]) -> str:
+    return (manifest.get("ann") or {}).get("kind", "exact")
+
+
+def save_index(uri: str, index: EmbeddingIndex, ann_index: Any = None) -> None:
+    """Write an index (data files first, the manifest last: a reader never sees half an index);
+    an approximate one (manifest `ann`) with its FAISS index `ann_index` and fp16 vectors."""
     storage.makedirs(uri)
-    storage.write_bytes(storage.join(uri, "images.npy"), _npy_bytes(index.image_emb))
+    if _ann_kind(index.manifest) == "exact":
+        storage.write_bytes(storage.join(uri, "images.npy"), _npy_bytes(index.image_emb))
+    else:
+        from harma.index.ann import ann_to_bytes
+
+        if ann_index is None:
+            raise ValueError(f"an index of ann kind {_ann_kind(index.manifest)!r} needs its FAISS index")
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(index.image_emb, dtype=np.float16), allow_pickle=False)
+        storage.write_bytes(storage.join(uri, "images.f16.npy"), buf.getvalue())
+        storage.write_bytes(storage.join(uri, "images.ann"), ann_to_bytes(ann_index))
     storage.write_bytes(storage.join(uri, "images.parquet"), _parquet_bytes(index.images))
     if index.caption_emb is not None and index.captions is not None:
         storage.write_bytes(storage.join(uri, "captions.npy"), _npy_bytes(index.caption_emb))
@@ -244,7 +264,17 @@ def read_manifest(uri: str) -> dict[str, Any]:
 
 def load_index(uri: str) -> EmbeddingIndex:
     manifest = read_manifest(uri)
-    image_emb = np.load(io.BytesIO(storage.read_bytes(storage.join(uri, "images.npy"))), allow_pickle=False)
+    ann = None
+    if _ann_kind(manifest) == "exact":
+        image_emb = np.load(io.BytesIO(storage.read_bytes(storage.join(uri, "images.npy"))), allow_pickle=False)
+    else:
+        from harma.index.ann import AnnParams, AnnSearcher, ann_from_bytes
+        from harma.index.cache import local_file
+
+        key = f"{manifest['checkpoint_fingerprint'][:16]}-{manifest.get('built_at', '')}"
+        image_emb = np.load(local_file(uri, "images.f16.npy", key), mmap_mode="r", allow_pickle=False)
+        ann = AnnSearcher(ann_from_bytes(storage.read_bytes(storage.join(uri, "images.ann"))), image_emb,
+                          AnnParams.from_manifest(manifest["ann"]))
     images = storage.read_table(storage.join(uri, "images.parquet")).to_pydict()
     images.pop("bbox", None)  # GeoParquet's covering column: derived from the geometry
     caption_emb = captions = None
@@ -252,4 +282,4 @@ def load_index(uri: str) -> EmbeddingIndex:
         caption_emb = np.load(io.BytesIO(storage.read_bytes(storage.join(uri, "captions.npy"))),
                               allow_pickle=False)
         captions = storage.read_table(storage.join(uri, "captions.parquet")).to_pydict()
-    return EmbeddingIndex(manifest, image_emb, images, caption_emb, captions)
+    return EmbeddingIndex(manifest, image_emb, images, caption_emb, captions, ann)
