@@ -319,7 +319,7 @@ class Retriever:
             rows = [i for i, j in enumerate(jobs) if j.target == target]
             if not rows:
                 continue
-            if target not in loaded.galleries and not (target == "images" and index.ann is not None):
+            if target == "captions" and "captions" not in loaded.galleries:
                 for i in rows:
                     answers[i] = ApiError(422, "this index has no captions (built from an image "
                                                "folder or with index.captions=false)")

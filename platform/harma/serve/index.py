@@ -210,9 +210,9 @@ def search_batch(
 
 
 # --- storage ---------------------------------------------------------------------------------
-def _npy_bytes(array: np.ndarray) -> bytes:
+def _npy_bytes(array: np.ndarray, dtype=np.float32) -> bytes:
     buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
+    np.save(buf, np.ascontiguousarray(array, dtype=dtype), allow_pickle=False)
     return buf.getvalue()
 
 
@@ -244,9 +244,7 @@ def save_index(uri: str, index: EmbeddingIndex, ann_index: Any = None) -> None:
 
         if ann_index is None:
             raise ValueError(f"an index of ann kind {_ann_kind(index.manifest)!r} needs its FAISS index")
-        buf = io.BytesIO()
-        np.save(buf, np.ascontiguousarray(index.image_emb, dtype=np.float16), allow_pickle=False)
-        storage.write_bytes(storage.join(uri, "images.f16.npy"), buf.getvalue())
+        storage.write_bytes(storage.join(uri, "images.f16.npy"), _npy_bytes(index.image_emb, np.float16))
         storage.write_bytes(storage.join(uri, "images.ann"), ann_to_bytes(ann_index))
     storage.write_bytes(storage.join(uri, "images.parquet"), _parquet_bytes(index.images))
     if index.caption_emb is not None and index.captions is not None:

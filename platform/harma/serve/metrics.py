@@ -52,9 +52,6 @@ class ReplicaMetrics:
         self._pass.observe(queries, tags={"kind": kind})
         self._queue.set(queued, tags={"kind": kind})
 
-    def queued(self, kind: str, queued: int) -> None:
-        self._queue.set(queued, tags={"kind": kind})
-
     def index(self, manifest: dict, images: int) -> None:
         """The index now served (the one before it reads 0 from here on)."""
         tags = {"version": f"{manifest.get('built_at', '')}/{str(manifest.get('checkpoint_fingerprint', ''))[:12]}",
