@@ -2,6 +2,7 @@
 
 import base64
 import io
+import re
 import zlib
 
 import numpy as np
@@ -17,6 +18,7 @@ from harma.serve.api import (
     parse_image_params,
     parse_text_queries,
     parse_text_query,
+    single_values,
 )
 from harma.serve.encoder import UnreadableImageError, decode_query_image
 
@@ -33,6 +35,8 @@ def _png(w=40, h=30):
 def test_text_query_ok():
     q = parse_text_query(b'{"text": "two bridges", "k": 5, "filters": {"split": ["test"]}}', JSON + "; charset=utf-8", LIMITS)
     assert (q.text, q.k, q.filters, q.include_thumbnails) == ("two bridges", 5, {"split": ["test"]}, False)
+    q = parse_text_query(b'{"text": "two bridges", "k": 5.0}', JSON, LIMITS)  # JSON Schema's integer 5
+    assert type(q.k) is int and q.k == 5
 
 
 @pytest.mark.parametrize("body, ctype, status, message", [
@@ -49,6 +53,11 @@ def test_text_query_ok():
     (b'{"text": "x", "k": 0}', JSON, 422, "k must be between 1 and 20, got 0"),
     (b'{"text": "x", "k": 21}', JSON, 422, "got 21"),
     (b'{"text": "x", "k": "many"}', JSON, 422, "k: Input should be a valid integer"),
+    (b'{"text": "x", "k": true}', JSON, 422, "k: Input should be a valid integer"),  # strict: not k=1
+    (b'{"text": "x", "k": "5"}', JSON, 422, "k: Input should be a valid integer"),
+    (b'{"text": "x", "k": 5.5}', JSON, 422, "k: Input should be a valid integer"),
+    (b'{"text": "x", "include_thumbnails": 1}', JSON, 422, "include_thumbnails: Input should be a valid boolean"),
+    (b'{"text": 7}', JSON, 422, "text: Input should be a valid string"),
     (b'{"text": "x", "filters": {"colour": "red"}}', JSON, 422, "cannot filter on 'colour'"),
     (b'{"text": "x", "filters": {"split": []}}', JSON, 422, "empty list"),
 ])
@@ -76,7 +85,13 @@ def test_image_params_from_query_string_or_form():
     q = parse_image_params({"k": "4", "filters": '{"label": "port"}', "include_thumbnails": "true"}, LIMITS)
     assert (q.k, q.filters, q.include_thumbnails) == (4, {"label": "port"}, True)
     for params, message in [({"k": "x"}, "k must be an integer"), ({"filters": "{"}, "JSON object"),
-                            ({"kk": "1"}, r"unknown parameter\(s\): kk"), ({"k": "99"}, "between 1 and 20")]:
+                            ({"kk": "1"}, r"unknown parameter\(s\): kk"), ({"k": "99"}, "between 1 and 20"),
+                            ({"k": "4.0"}, "k must be an integer"), ({"k": "١"}, "k must be an integer"),
+                            ({"nms": "maybe"}, "nms must be true or false, got 'maybe'"),
+                            ({"include_thumbnails": "1"}, "include_thumbnails must be true or false, got '1'"),
+                            ({"filters": '{"label": [null]}'}, "filters"), ({"filters": '{"label": 3}'}, "filters"),
+                            ({"filters": '{"label": []}'}, "empty list"), ({"filters": '{"label": [["x"]]}'}, "filters"),
+                            ({"filters": '["label"]'}, "valid dictionary")]:
         with pytest.raises(ApiError, match=message) as err:
             parse_image_params(params, LIMITS)
         assert err.value.status == 422
@@ -133,3 +148,65 @@ def test_batch_of_text_queries_errors_name_the_query(body, status, message):
     with pytest.raises(ApiError) as err:
         parse_text_queries(body, JSON, LIMITS)
     assert err.value.status == status and message in err.value.message, err.value.message
+
+
+def test_a_field_given_twice_is_refused_not_one_of_them_picked():
+    assert single_values([("k", "3"), ("nms", "false")], "form") == {"k": "3", "nms": "false"}
+    with pytest.raises(ApiError, match="form field 'k' is given more than once") as err:
+        single_values([("k", "3"), ("k", "4")], "form")
+    assert err.value.status == 422
+
+
+def test_the_documented_non_blank_pattern_is_exactly_what_the_handler_calls_empty():
+    """The document's text pattern and the handler agree on every code point (ECMA-262's \\s and
+    Python's differ: a fuzzer sent "\\u001c", schema-valid under \\S, and got 422 'text is empty')."""
+    from harma.serve.api import NOT_BLANK, TextQuery, check_text_query
+
+    pattern = re.compile(NOT_BLANK)
+    mismatched = [hex(c) for c in range(0x110000) if bool(pattern.fullmatch(chr(c))) == chr(c).isspace()]
+    assert mismatched == []
+    for text, empty in (("\u001c", True), ("\u0085 \u3000", True), ("\ufeff", False), ("a", False)):
+        query = TextQuery.model_validate({"text": text})
+        if empty:
+            with pytest.raises(ApiError, match="text is empty"):
+                check_text_query(query, LIMITS)
+        else:
+            check_text_query(query, LIMITS)
+
+
+def test_the_openapi_document_resolves_its_references_and_declares_the_limits():
+    from harma.serve.api import NOT_BLANK, TextQueries, openapi_contract
+
+    raw = {"openapi": "3.1.0", "paths": {"/v1/text-to-images/batch": {"post": {"requestBody": {"content": {
+        "application/json": {"schema": TextQueries.model_json_schema()}}}}}},
+           "components": {"schemas": {"ErrorBody": {"type": "object"}}}}
+    assert "$defs" in str(raw)  # as FastAPI embeds a route's own JSON schema
+    spec = openapi_contract(raw, LIMITS)
+    body = spec["paths"]["/v1/text-to-images/batch"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["properties"]["queries"]["items"] == {"$ref": "#/components/schemas/TextQuery"}
+    assert (body["properties"]["queries"]["minItems"], body["properties"]["queries"]["maxItems"]) == (1, 3)
+    query = spec["components"]["schemas"]["TextQuery"]
+    assert query["properties"]["text"] | {} == {"type": "string", "title": "Text", "description": "The query caption.",
+                                                "minLength": 1, "maxLength": 50, "pattern": NOT_BLANK}
+    assert (query["properties"]["k"]["minimum"], query["properties"]["k"]["maximum"]) == (1, 20)
+    assert "ErrorBody" in spec["components"]["schemas"] and "$defs" not in str(spec)
+    thumbs = {"openapi": "3.1.0", "paths": {"/v1/thumbnails/{item_id}": {"get": {"parameters": [
+        {"name": "item_id", "in": "path", "required": True, "schema": {"type": "string"}},
+        {"name": "item_id", "in": "query", "schema": {"type": "string"}}]}}}}
+    params = openapi_contract(thumbs, LIMITS, examples={"item_id": "tile_7"})["paths"]["/v1/thumbnails/{item_id}"]
+    assert [p.get("example") for p in params["get"]["parameters"]] == ["tile_7", None]  # path parameters only
+
+    def refs(node):
+        if isinstance(node, dict):
+            yield from ([node["$ref"]] if "$ref" in node else [])
+            for v in node.values():
+                yield from refs(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from refs(v)
+
+    for ref in refs(spec):  # every reference resolves
+        target = spec
+        for part in ref.removeprefix("#/").split("/"):
+            target = target[part]
+    assert "$defs" in str(raw)  # the input is left as it was

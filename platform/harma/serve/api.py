@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import json
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 Filters = dict[str, str | list[str]]
 
@@ -70,7 +72,16 @@ class ServeArgs(BaseModel):
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: `"k": true` or `"k": "5"` is a 422, not k=1 / k=5 (JSON numbers still fill floats)
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @field_validator("k", mode="before")
+    @classmethod
+    def _integral_number(cls, value: Any) -> Any:
+        """5.0 is the JSON integer 5 (JSON Schema counts it an integer); 5.5 and true stay refused."""
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
 
     k: int = Field(10, description="How many results (1..max_top_k).")
     filters: Filters = Field(
@@ -97,7 +108,7 @@ class TextQuery(_Request):
 
 
 class TextQueries(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     queries: list[TextQuery] = Field(description="Text queries (up to max_batch_queries), answered in order.")
 
@@ -211,8 +222,14 @@ def wants_geojson(params: dict[str, str], accept: str | None) -> bool:
     return fmt == "geojson" or GEOJSON in (accept or "")
 
 
+# A character that is not blank, as Python's str.isspace has it, written out so that JSON
+# Schema's ECMA-262 regexes (whose \s differs: no U+001C-U+001F or U+0085, but U+FEFF) and the
+# handler agree on which texts are empty.
+NOT_BLANK = r"[^\t\n\u000b\f\r\u001c-\u0020\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+
+
 def check_text_query(query: TextQuery, limits: Limits) -> None:
-    if not query.text.strip():
+    if not re.search(NOT_BLANK, query.text):
         raise ApiError(422, "text is empty")
     if len(query.text) > limits.max_text_chars:
         raise ApiError(422, f"text has {len(query.text)} characters; the limit is {limits.max_text_chars}")
@@ -258,6 +275,16 @@ def parse_image_json(body: bytes, content_type: str | None, limits: Limits) -> t
     return query, decode_base64(query.image_base64)
 
 
+def single_values(pairs: list[tuple[str, Any]], what: str) -> dict[str, Any]:
+    """Query-string or form fields as a dict, refusing a field given more than once (422)."""
+    values: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in values:
+            raise ApiError(422, f"{what} field {key!r} is given more than once; give it once")
+        values[key] = value
+    return values
+
+
 def parse_image_params(params: dict[str, str], limits: Limits) -> _Request:
     """k/filters/include_thumbnails from query-string or form fields (raw and multipart uploads)."""
     raw: dict[str, Any] = {}
@@ -266,10 +293,9 @@ def parse_image_params(params: dict[str, str], limits: Limits) -> _Request:
     if unknown:
         raise ApiError(422, f"unknown parameter(s): {', '.join(unknown)}")
     if "k" in params:
-        try:
-            raw["k"] = int(params["k"])
-        except ValueError:
-            raise ApiError(422, f"k must be an integer, got {params['k']!r}") from None
+        if not re.fullmatch(r"[+-]?[0-9]+", params["k"].strip()):
+            raise ApiError(422, f"k must be an integer, got {params['k']!r}")
+        raw["k"] = int(params["k"])
     for name in ("filters", "intersects"):
         if name in params:
             try:
@@ -292,10 +318,82 @@ def parse_image_params(params: dict[str, str], limits: Limits) -> _Request:
             raise ApiError(422, f"scene must be a scene id or a JSON list of ids, got {text!r}") from None
     for name in ("include_thumbnails", "nms"):
         if name in params:
-            raw[name] = params[name].lower() in ("1", "true", "yes")
+            if params[name].lower() not in BOOLEANS:
+                raise ApiError(422, f"{name} must be true or false, got {params[name]!r}")
+            raw[name] = BOOLEANS[params[name].lower()]
     query = _validate(_Request, raw)
     check_common(query, limits)
     return query
+
+
+PLACE_FIELDS = ("bbox", "intersects", "datetime", "scene")
+
+
+def openapi_contract(spec: dict[str, Any], limits: Limits, scene_index: bool = False,
+                     examples: dict[str, Any] | None = None) -> dict[str, Any]:
+    """FastAPI's OpenAPI document of the app made exact for a deployment: every request model's
+    `$defs` moved to `components/schemas` (so `#/components/schemas/TextQuery` resolves, where the
+    embedded `#/$defs/TextQuery` did not), and the bounds the handlers enforce declared: k in
+    1..max_top_k, text of 1..max_text_chars with a non-blank character, 1..max_batch_queries
+    queries, image_base64 base64, filters on the filterable columns only, each a value or a
+    non-empty list; the place and time fields only for an index of scenes (any other answers
+    them with 422); `examples` gives path parameters a served value (an item id that has a
+    thumbnail), so a client or a fuzzer can fetch a real one."""
+    spec = copy.deepcopy(spec)
+    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+    pending: list[Any] = [spec]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, list):
+            pending.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        for name, schema in (node.pop("$defs", None) or {}).items():
+            schemas.setdefault(name, schema)
+            pending.append(schemas[name])
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            node["$ref"] = "#/components/schemas/" + ref[len("#/$defs/"):]
+        props = node.get("properties")
+        if isinstance(props, dict):
+            _declare_bounds(props, limits)
+            if not scene_index and "k" in props:
+                for name in PLACE_FIELDS:
+                    props.pop(name, None)
+        pending.extend(node.values())
+    for operation in (op for path in spec.get("paths", {}).values() for op in path.values()):
+        for parameter in operation.get("parameters", []) if isinstance(operation, dict) else []:
+            if parameter.get("in") == "path" and parameter.get("name") in (examples or {}):
+                parameter["example"] = examples[parameter["name"]]
+    return spec
+
+
+def filters_schema() -> dict[str, Any]:
+    from harma.serve.index import FILTER_COLUMNS
+
+    # one schema with a list of types, not anyOf: a fuzzer's "wrong type" for one branch of an
+    # anyOf can be the other branch, a valid value it then expects refused
+    value = {"type": ["string", "array"], "items": {"type": "string"}, "minItems": 1}
+    return {"type": "object", "additionalProperties": False, "properties": {c: value for c in FILTER_COLUMNS},
+            "description": "Metadata filters on the image gallery (values compared as strings), e.g. "
+            "{\"split\": \"test\", \"label\": [\"airport\", \"port\"]}."}
+
+
+def _declare_bounds(props: dict[str, Any], limits: Limits) -> None:
+    if isinstance(props.get("k"), dict) and props["k"].get("type") == "integer":
+        props["k"].update(minimum=1, maximum=limits.max_top_k)
+    if isinstance(props.get("text"), dict) and props["text"].get("type") == "string":
+        props["text"].update(minLength=1, maxLength=limits.max_text_chars, pattern=NOT_BLANK)
+    if isinstance(props.get("queries"), dict) and props["queries"].get("type") == "array":
+        props["queries"].update(minItems=1, maxItems=limits.max_batch_queries)
+    if isinstance(props.get("image_base64"), dict):
+        props["image_base64"].update(minLength=1, contentEncoding="base64")
+    if isinstance(props.get("filters"), dict):
+        props["filters"] = filters_schema()
+
+
+BOOLEANS = {"true": True, "false": False}  # a form or query field's text, as the document's boolean
 
 
 Target = Literal["images", "captions"]

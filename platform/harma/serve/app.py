@@ -61,11 +61,13 @@ from harma.serve.api import (
     TextQueries,
     TextQuery,
     media_type,
+    openapi_contract,
     parse_image_json,
     parse_image_params,
     parse_text_queries,
     parse_text_query,
     place_of,
+    single_values,
     wants_geojson,
 )
 from harma.serve.coalesce import BatchCoalescer
@@ -112,6 +114,11 @@ class _Measured:
 api.add_middleware(_Measured)
 _ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 413, 415, 422)}
 _SEARCH_RESPONSES = {**_ERRORS, 200: {"model": SearchResponse}}
+_IMAGE_SEARCH_RESPONSES = {**_SEARCH_RESPONSES, 411: {"model": ErrorBody, "description": "multipart without Content-Length"}}
+
+
+def _binary(media: str) -> dict[str, Any]:
+    return {200: {"description": media, "content": {media: {"schema": {"type": "string", "format": "binary"}}}}}
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -125,7 +132,9 @@ async def _api_error(_: Request, err: ApiError) -> JSONResponse:
 
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
-    return _error(err.status_code, str(err.detail))
+    response = _error(err.status_code, str(err.detail))
+    response.headers.update(err.headers or {})  # a 405 keeps its Allow
+    return response
 
 
 @api.exception_handler(RequestValidationError)
@@ -161,14 +170,14 @@ def _json_body(model: type[BaseModel]) -> dict[str, Any]:
 
 
 def _image_body() -> dict[str, Any]:
-    upload = {"type": "object", "properties": {
-        "image": {"type": "string", "format": "binary"}, "k": {"type": "integer"},
-        "filters": {"type": "string", "description": "JSON object"},
-        "include_thumbnails": {"type": "boolean"}}, "required": ["image"]}
+    upload = {"type": "object", "additionalProperties": False, "properties": {
+        "image": {"type": "string", "format": "binary", "minLength": 1}, "k": {"type": "integer"},
+        "filters": {"type": "object", "description": "JSON object (the part's content: application/json)"},
+        "include_thumbnails": {"type": "boolean"}, "nms": {"type": "boolean"}}, "required": ["image"]}
     return {"requestBody": {"required": True, "content": {
         "application/json": {"schema": ImageQuery.model_json_schema()},
-        "multipart/form-data": {"schema": upload},
-        "image/*": {"schema": {"type": "string", "format": "binary"}}}}}
+        "multipart/form-data": {"schema": upload, "encoding": {"filters": {"contentType": "application/json"}}},
+        "image/*": {"schema": {"type": "string", "format": "binary", "minLength": 1}}}}}
 
 
 @dataclass
@@ -217,6 +226,32 @@ def _suppress(index: EmbeddingIndex, scores: list[float], rows: list[int], k: in
     return [s for s, _ in pairs], [r for _, r in pairs]
 
 
+_CONTRACT: dict[str, Any] = {}  # the replica's OpenAPI document, made once (api.openapi_contract)
+_SERVED: dict[str, Any] = {"scene_index": False, "examples": {}}  # what the document says of the index
+
+
+def _index_served(index: EmbeddingIndex) -> None:
+    """The replica now serves `index`: its document is made again, offering place filters only for
+    an index of scenes and a served item id (one with a thumbnail) as the thumbnail example."""
+    with_thumbnail = next((item for item in index.images["id"] if index.thumbnail(item)), None) \
+        if "thumbnail" in index.images else None
+    served = {"scene_index": index.has_footprints,
+              "examples": {"position": 0} if index.has_footprints else {}}
+    if with_thumbnail is not None:
+        served["examples"]["item_id"] = with_thumbnail
+    if served != _SERVED:
+        _SERVED.update(served)
+        _CONTRACT.clear()
+
+
+def _exact_openapi(limits) -> dict[str, Any]:
+    """`api.openapi` in a replica: FastAPI's document with its references resolvable and the
+    deployment's limits declared (built at the first request, when Serve has bound the routes)."""
+    if not _CONTRACT:
+        _CONTRACT.update(openapi_contract(FastAPI.openapi(api), limits, **_SERVED))
+    return _CONTRACT
+
+
 def _page_html() -> str:
     return resources.files("harma.serve").joinpath("page.html").read_text()
 
@@ -243,6 +278,7 @@ class Retriever:
 
         self.args = ServeArgs.model_validate(args)
         self.limits = self.args.limits
+        api.openapi = functools.partial(_exact_openapi, self.limits)
         # Every torch computation of the replica runs on one thread, model loading included (see
         # ModelThread: a second OpenMP team slowed ViT-B-32 queries on CPU by ~40%).
         self._model_thread = ModelThread()
@@ -253,6 +289,7 @@ class Retriever:
         self.state = self._load(self.args.index_uri)
         self.metrics = install_metrics()
         self.metrics.index(self.state.index.manifest, self.state.index.size)
+        _index_served(self.state.index)
         # The replica's dynamic batching (see coalesce.py for why not Serve's @serve.batch).
         self._coalescers = {kind: BatchCoalescer(functools.partial(self._answer, kind), self._model_thread.executor,
                                                  self.args.max_batch_size, self.args.batch_wait_timeout_s,
@@ -286,6 +323,7 @@ class Retriever:
             loaded = await asyncio.get_running_loop().run_in_executor(None, self._load, uri)
             self.state = loaded  # requests already in a batch finish on the old index
             self.metrics.index(loaded.index.manifest, loaded.index.size)
+            _index_served(loaded.index)
             log.info("index replaced: %s (%d images)", uri, loaded.index.size)
 
     def check_health(self) -> None:
@@ -457,15 +495,16 @@ class Retriever:
                            "results": answer["results"]} for job, answer in zip(jobs, answers, strict=True)],
             "index": index, "took_ms": round((time.perf_counter() - started) * 1000, 3)})
 
-    @api.post("/v1/image-to-images", responses=_SEARCH_RESPONSES, openapi_extra=_image_body())
+    @api.post("/v1/image-to-images", responses=_IMAGE_SEARCH_RESPONSES, openapi_extra=_image_body())
     async def image_to_images(self, request: Request) -> JSONResponse:
         return await self._image_search(request, "images")
 
-    @api.post("/v1/image-to-captions", responses=_SEARCH_RESPONSES, openapi_extra=_image_body())
+    @api.post("/v1/image-to-captions", responses=_IMAGE_SEARCH_RESPONSES, openapi_extra=_image_body())
     async def image_to_captions(self, request: Request) -> JSONResponse:
         return await self._image_search(request, "captions")
 
-    @api.get("/v1/thumbnails/{item_id:path}", responses={**_ERRORS, 404: {"model": ErrorBody}})
+    @api.get("/v1/thumbnails/{item_id:path}", response_class=Response,
+             responses={**_ERRORS, 404: {"model": ErrorBody}, **_binary("image/jpeg")})
     async def thumbnail(self, item_id: str, request: Request) -> Response:
         self._authorize(request)
         data = self.state.index.thumbnail(item_id)  # a dictionary lookup, never a file path
@@ -473,7 +512,8 @@ class Retriever:
             raise ApiError(404, f"no thumbnail for {item_id!r} in this index")
         return Response(data, media_type="image/jpeg")
 
-    @api.get("/v1/quicklooks/{position}", responses={**_ERRORS, 404: {"model": ErrorBody}})
+    @api.get("/v1/quicklooks/{position}", response_class=Response,
+             responses={**_ERRORS, 404: {"model": ErrorBody}, **_binary("image/png")})
     async def quicklook(self, position: int, request: Request) -> Response:
         """The overview PNG of the index's scene at `position` in /v1/info's `index.scenes`."""
         self._authorize(request)
@@ -508,19 +548,20 @@ class Retriever:
                 raise
             except Exception as err:  # starlette's multipart parser errors
                 raise ApiError(400, f"malformed multipart body: {err}") from None
-            upload = form.get("image")
+            fields = single_values(form.multi_items(), "form")
+            upload = fields.get("image")
             if upload is None or isinstance(upload, str):
                 raise ApiError(422, "multipart upload needs a file field named 'image'")
             data = await upload.read()
-            query = parse_image_params({k: str(v) for k, v in form.items() if k != "image"}, self.limits)
+            query = parse_image_params({k: str(v) for k, v in fields.items() if k != "image"}, self.limits)
         elif kind.startswith("image/") or kind == "application/octet-stream":
             data = await _read_body(request, self.limits.max_request_bytes)
-            query = parse_image_params(dict(request.query_params), self.limits)
+            query = parse_image_params(single_values(request.query_params.multi_items(), "query"), self.limits)
         else:
             raise ApiError(415, "send the image as application/json (image_base64), "
                                 f"multipart/form-data (field 'image') or image/*; got {content_type or 'none'!r}")
         if not data:
-            raise ApiError(422, "the image is empty")
+            raise ApiError(400, "the image is empty")  # as any other bytes that are no image
         try:
             pixels = await asyncio.to_thread(self.encoder.preprocess, data)
         except UnreadableImageError as err:
