@@ -9,6 +9,9 @@
     harma data prepare --scenes DIR --out OUT [--test-scenes 1] their captioned tiles -> training shards
     harma eval --checkpoint URI [--split test] [--data ROOT] [--out FILE]
     harma index build --config FILE [overrides]              embed a corpus into a retrieval index
+    harma index add --index URI [--corpus URI] [splits=[..] actors=N ...]   embed only what is new: next version
+    harma index delete --index URI (--ids ID .. | --ids-file F | --scene S ..)   next version without them
+    harma index versions URI [--json]                        the versions of an index and their changes
     harma serve serve_configs/FILE.yaml [overrides] [--address ADDR]   run the Serve app locally (serve run)
     harma submit jobs/FILE.yaml [overrides] [--address URL] [--no-wait]   a Ray job on a cluster
     harma jobs list | status ID | logs ID [--follow] | stop ID [--address URL]
@@ -261,6 +264,57 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index_add(args: argparse.Namespace) -> int:
+    _setup_logging()
+    from harma.config import parse_override
+    from harma.index.update import add_to_index
+    from harma.serve.index import read_manifest
+    from harma.train.driver import ensure_ray
+
+    settings = dict(parse_override(o) for o in args.settings)
+    settings = {k.removeprefix("index."): v for k, v in settings.items()}
+    if args.corpus:
+        settings["corpus_uri"] = args.corpus
+    read_manifest(args.index)  # before any cluster starts
+    ensure_ray()
+    manifest = add_to_index(args.index, settings, progress=logging.getLogger("harma").info)
+    print(f"index version {manifest['version']}: +{manifest['change']['added']} images "
+          f"(+{manifest['change']['added_captions']} captions) -> {manifest['images']} images; serve it with "
+          f"user_config: {{index_uri: {_version_uri(manifest)}}}")
+    return 0
+
+
+def _version_uri(manifest: dict) -> str:
+    from harma.index.versions import version_uri
+
+    return version_uri(manifest["root_uri"], manifest["version"])
+
+
+def cmd_index_delete(args: argparse.Namespace) -> int:
+    _setup_logging()
+    from harma import storage
+    from harma.index.update import delete_from_index
+
+    ids = list(args.ids or [])
+    if args.ids_file:
+        ids += [line.strip() for line in storage.read_bytes(args.ids_file).decode().splitlines() if line.strip()]
+    manifest = delete_from_index(args.index, ids, args.scene or [], args.missing_ok,
+                                 progress=logging.getLogger("harma").info)
+    print(f"index version {manifest['version']}: -{manifest['change']['deleted']} images "
+          f"(-{manifest['change']['deleted_captions']} captions) -> {manifest['images']} images; serve it with "
+          f"user_config: {{index_uri: {_version_uri(manifest)}}}")
+    return 0
+
+
+def cmd_index_versions(args: argparse.Namespace) -> int:
+    from harma import storage
+    from harma.index.versions import format_versions, list_versions
+
+    versions = list_versions(storage.absolute(args.uri))
+    print(json.dumps(versions, indent=1) if args.json else format_versions(versions))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Validate a serve config, make its local paths absolute, check each index, then `serve run` it."""
     import os
@@ -278,8 +332,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if app.get("import_path") == HARMA_IMPORT_PATH:
             app_args = app["args"]
             require_checkpoint(app_args["checkpoint_uri"])
-            check_index_matches(read_manifest(app_args["index_uri"]), app_args["checkpoint_uri"],
-                                checkpoint_fingerprint(app_args["checkpoint_uri"]))
+            fingerprint = checkpoint_fingerprint(app_args["checkpoint_uri"])
+            swapped = [(d.get("user_config") or {}).get("index_uri") for d in app.get("deployments", [])]
+            for index_uri in [app_args["index_uri"]] + [u for u in swapped if u]:
+                check_index_matches(read_manifest(index_uri), app_args["checkpoint_uri"], fingerprint)
             # The replicas read checkpoint and index with this shell's storage settings (an S3
             # endpoint, credentials): a cluster started earlier, or elsewhere, lacks them. The
             # temporary file holding them is private (0600) and removed when serving ends.
@@ -445,6 +501,22 @@ def build_parser() -> argparse.ArgumentParser:
     ib.add_argument("--config", required=True, help="job file with an index: section")
     ib.add_argument("overrides", nargs="*")
     ib.set_defaults(func=cmd_index_build)
+    ia = index.add_parser("add", help="embed only the corpus items an index lacks into its next version")
+    ia.add_argument("--index", required=True, help="the index (any version) to add to")
+    ia.add_argument("--corpus", default=None, help="corpus to take new items from (default: the index's own)")
+    ia.add_argument("settings", nargs="*", help="splits=[train,test] actors=N batch_size=N use_gpu=true ...")
+    ia.set_defaults(func=cmd_index_add)
+    idl = index.add_parser("delete", help="write the next version of an index without some items")
+    idl.add_argument("--index", required=True, help="the index (any version) to delete from")
+    idl.add_argument("--ids", nargs="+", default=None, help="image ids (as search results show them)")
+    idl.add_argument("--ids-file", default=None, help="a file (or s3:// object) of ids, one a line")
+    idl.add_argument("--scene", nargs="+", default=None, help="scene ids of a scene index: all their tiles")
+    idl.add_argument("--missing-ok", action="store_true", help="delete those present, ignore the others")
+    idl.set_defaults(func=cmd_index_delete)
+    iv = index.add_parser("versions", help="list an index's versions with their manifests' summaries")
+    iv.add_argument("uri", help="the index root (what harma index build wrote)")
+    iv.add_argument("--json", action="store_true", help="print JSON")
+    iv.set_defaults(func=cmd_index_versions)
 
     srv = sub.add_parser("serve", help="validate a serve config and run it locally (`serve run`)")
     srv.add_argument("file", help="serve_configs/FILE.yaml")

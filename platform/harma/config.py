@@ -405,6 +405,10 @@ class IndexConfig(_Section):
     thumbnail_size: int = Field(
         128, ge=0, description="Longest side of the JPEG thumbnails kept in the index for the web "
         "page (0 = none).")
+    max_shard_bytes: int | None = Field(
+        None, ge=1, description="Most RAM one serving replica may hold for its images' vectors (float32 of an "
+        "exact index, the FAISS structure of an approximate one); a bigger index is written as shards of at "
+        "most this, each served by its own deployment (harma.index.shards). null: one shard, whatever its size.")
     use_gpu: bool = Field(False, description="One GPU per embedding actor.")
     actors: int = Field(1, ge=1, description="Embedding actors (each loads the model once).")
     cpus_per_actor: float = Field(1.0, gt=0)

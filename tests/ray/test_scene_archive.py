@@ -96,6 +96,41 @@ def test_a_scene_index_from_s3_opens_in_geopandas_with_every_tile_footprinted(sc
 
 
 @pytest.mark.ray
+def test_new_scenes_are_added_to_a_scene_index_on_s3_without_embedding_the_old_ones(archive, scene_index):
+    """An index of two scenes, then `harma index add` from the STAC file of all three: only the
+    third scene's tiles are embedded (as the full build embedded them), the overviews of all three
+    are in the new version, and `harma index versions` lists both on S3."""
+    from harma import storage
+    from harma.index.versions import list_versions, version_uri
+    from harma.serve.index import load_index
+
+    items = archive["items"]
+    two = {**items, "features": items["features"][:2]}
+    storage.write_bytes(f"{ROOT}/scenes/stac/two.json", json.dumps(two).encode())
+    root = f"{ROOT}/index-two"
+    assert main(["index", "build", "--config", str(REPO / "jobs" / "index_scenes.yaml"),
+                 f"index.checkpoint_uri={archive['ckpt']}", f"index.corpus_uri={ROOT}/scenes/stac/two.json",
+                 "index.geo.tile_size=192", "index.geo.tile_stride=96", f"index.output_uri={root}"]) == 0
+    assert main(["index", "add", "--index", root, "--corpus", f"{ROOT}/scenes/stac/items.json"]) == 0
+    v1, v2, full = load_index(root), load_index(version_uri(root, 2)), load_index(f"{ROOT}/index")
+    third = items["features"][2]["id"]
+    assert third not in v1.images["scene"] and v2.manifest["change"]["added"] == v2.images["scene"].count(third)
+    assert v2.images["scene"].count(third) == full.images["scene"].count(third) > 0
+    assert v2.size == full.size and v2.manifest["geo"]["scenes"] == 3
+    np.testing.assert_array_equal(v2.image_emb[:v1.size], v1.image_emb)
+    for row in range(v1.size, v2.size):
+        np.testing.assert_allclose(v2.image_emb[row], full.image_emb[full.row_of[v2.images["id"][row]]], atol=1e-5)
+    listed = v2.manifest["geo"]["scene_list"]
+    assert [s["scene"] for s in listed] == [f["id"] for f in items["features"][:3]]  # (then the bad ones)
+    for position, scene in enumerate(listed):  # each overview in the version, as the full build made it
+        want = next(s for s in full.manifest["geo"]["scene_list"] if s["scene"] == scene["scene"])
+        assert storage.read_bytes(storage.join(version_uri(root, 2), f"quicklooks/{position:05d}.png")) == \
+            storage.read_bytes(storage.join(f"{ROOT}/index", want["quicklook"]))
+    assert [(v["version"], v["images"]) for v in list_versions(root)] == [(1, v1.size), (2, v2.size)]
+    assert v2.tiles.geometries[v1.size].equals(full.tiles.geometries[full.row_of[v2.images["id"][v1.size]]])
+
+
+@pytest.mark.ray
 def test_place_and_time_search_over_http_answers_geojson_like_brute_force(archive, scene_index):
     import shapely
     from shapely.geometry import box, shape

@@ -566,6 +566,75 @@ def test_an_approximate_index_serves_the_exact_answers_with_its_filters(service,
     SERVED_ANN.append(approx)
 
 
+def test_an_index_of_three_shards_answers_over_http_as_the_unsharded_one(service, tmp_path):
+    """`index.max_shard_bytes` below the index's size: the build writes 3 shards; the application
+    deploys an IndexShard deployment for each behind the ingress, which encodes once, fans out
+    through deployment handles and merges: every answer (text, batch, image, captions, filters,
+    thumbnails, errors) is the unsharded service's."""
+    import ray.serve
+
+    from harma.config import IndexConfig
+    from harma.serve.app import build_app
+    from harma.serve.build import build_index
+    from harma.serve.index import load_index
+
+    full = load_index(service["index_all"])
+    root = str(tmp_path / "sharded")
+    manifest = build_index(IndexConfig(checkpoint_uri=service["a"], corpus_uri=service["store"],
+                                       splits=["train", "val", "test"], output_uri=root, batch_size=8,
+                                       max_shard_bytes=14 * 4 * full.embed_dim))  # 14 float32 vectors a shard
+    assert [s["images"] for s in manifest["shards"]] == [13, 14, 13]
+    assert sum(s["captions"] for s in manifest["shards"]) == full.caption_count == manifest["captions"]
+    shards = [load_index(f"{root}/{s['uri']}") for s in manifest["shards"]]
+    assert sorted(i for s in shards for i in s.images["id"]) == sorted(full.images["id"])
+    for shard in shards:
+        for row, item in enumerate(shard.images["id"]):
+            np.testing.assert_allclose(shard.image_emb[row], full.image_emb[full.row_of[item]], atol=1e-5)
+    ray.serve.run(build_app({"checkpoint_uri": service["a"], "index_uri": root, "max_top_k": 50}),
+                  name="sharded", route_prefix="/sharded")
+    try:
+        assert set(ray.serve.status().applications["sharded"].deployments) == \
+            {"Retriever", "IndexShard0", "IndexShard1", "IndexShard2"}
+        whole, sharded = service["url"], service["url"] + "sharded/"
+        png = _png_of(service, full.images["id"][5])
+
+        def both(path, **kwargs):
+            a, b = (requests.post(base + path, timeout=30, **kwargs) for base in (whole, sharded))
+            assert a.status_code == b.status_code, (a.text, b.text)
+            return a.json(), b.json()
+
+        for body in ({"text": "three storage tanks next to a river", "k": 5},
+                     {"text": "a river", "k": 40},
+                     {"text": "a green field", "k": 10, "filters": {"split": "test"}, "include_thumbnails": True}):
+            want, got = both("v1/text-to-images", json=body)
+            assert [h["id"] for h in got["results"]] == [h["id"] for h in want["results"]]
+            np.testing.assert_allclose([h["score"] for h in got["results"]], [h["score"] for h in want["results"]],
+                                       atol=1e-5)
+            assert [h.get("thumbnail") for h in got["results"]] == [h.get("thumbnail") for h in want["results"]]
+            assert got["index"]["images"] == 40
+        want, got = both("v1/text-to-images/batch", json={"queries": [{"text": "a river", "k": 3},
+                                                                       {"text": "planes", "k": 8}]})
+        assert [[h["id"] for h in r["results"]] for r in got["responses"]] == \
+            [[h["id"] for h in r["results"]] for r in want["responses"]]
+        for path, k in (("v1/image-to-images", 6), ("v1/image-to-captions", 7)):
+            want, got = both(f"{path}?k={k}", data=png, headers={"Content-Type": "image/png"})
+            key = "id" if path.endswith("images") else "caption"
+            assert [h[key] for h in got["results"]] == [h[key] for h in want["results"]] and len(got["results"]) == k
+            np.testing.assert_allclose([h["score"] for h in got["results"]], [h["score"] for h in want["results"]],
+                                       atol=1e-5)
+        want, got = both("v1/text-to-images", json={"text": "a river", "filters": {"colour": "red"}})
+        assert got["error"] == want["error"] and got["error"]["status"] == 422
+        last = shards[2].images["id"][0]
+        thumb = requests.get(sharded + f"v1/thumbnails/{last}", timeout=30)
+        assert thumb.status_code == 200 and thumb.content == full.thumbnail(last)
+        assert requests.get(sharded + "v1/thumbnails/none-such.png", timeout=30).status_code == 404
+        info = requests.get(sharded + "v1/info", timeout=30).json()
+        assert info["index"]["images"] == 40 and info["index"]["captions"] == full.caption_count
+        assert info["index"]["shards"] == 3
+    finally:
+        ray.serve.delete("sharded")
+
+
 def _scrape(needles: list[str], seconds: float = 90) -> dict[tuple, float]:
     """Ray's metrics endpoints of the cluster's nodes, polled until every needle shows:
     {(name, sorted label items): value}."""
@@ -644,6 +713,93 @@ def test_the_api_keeps_its_openapi_contract_under_a_property_based_fuzzer(servic
     summary = [line for line in proc.stdout.splitlines() if line.strip()][-12:]
     print("\n".join(summary))
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-2000:]
+
+
+def _served_everywhere(url: str, uri: str, seconds: float = 90) -> None:
+    """Wait until 6 /v1/info answers in a row (any replica) report serving `uri`."""
+    deadline, streak = time.time() + seconds, 0
+    while time.time() < deadline and streak < 6:
+        streak = streak + 1 if requests.get(url + "v1/info", timeout=30).json()["index_uri"] == uri else 0
+        time.sleep(0.2 if streak else 0.5)
+    assert streak >= 6, f"{uri} not served everywhere within {seconds} s"
+
+
+def test_index_versions_add_and_delete_without_reembedding_then_swap_under_load(service, tmp_path):
+    """`harma index add` over an index of two splits embeds only the third split's images (as the
+    full build embedded them), `harma index delete` drops two images; serving moves v1 -> v2 -> v3
+    through user_config under load with no failed request, and a version that fails to load leaves
+    the replica on v3 with the failure in /v1/info."""
+    import shutil
+
+    from harma.cli import main
+    from harma.config import IndexConfig
+    from harma.index.versions import list_versions, version_uri
+    from harma.serve.build import build_index
+    from harma.serve.index import load_index
+
+    url = service["url"]
+    root = str(tmp_path / "versioned")
+    build_index(IndexConfig(checkpoint_uri=service["a"], corpus_uri=service["store"], splits=["train", "val"],
+                            output_uri=root, batch_size=8))
+    v1, full = load_index(root), load_index(service["index_all"])
+    assert v1.size == 34
+    assert main(["index", "add", "--index", root, "splits=[train,val,test]", "batch_size=8"]) == 0
+    v2 = load_index(version_uri(root, 2))
+    assert v2.manifest["change"]["added"] == 6 == v2.size - v1.size and v2.manifest["parent"] == root
+    np.testing.assert_array_equal(v2.image_emb[:34], v1.image_emb)  # copied, not embedded again
+    assert v2.images["id"][:34] == v1.images["id"]
+    assert sorted(v2.images["id"]) == sorted(full.images["id"])
+    for row in range(34, 40):  # the new ones, as the full build embedded them
+        np.testing.assert_allclose(v2.image_emb[row], full.image_emb[full.row_of[v2.images["id"][row]]], atol=1e-5)
+    assert v2.caption_count == full.caption_count
+    new_caption = v2.captions["image_row"].index(34)
+    same = full.captions["caption"].index(v2.captions["caption"][new_caption])
+    np.testing.assert_allclose(v2.caption_emb[new_caption], full.caption_emb[same], atol=1e-5)
+    # nothing new is refused and writes nothing
+    assert main(["index", "add", "--index", version_uri(root, 2), "splits=[train,val,test]"]) == 2
+    gone = [v2.images["id"][0], v2.images["id"][39]]
+    assert main(["index", "delete", "--index", version_uri(root, 2), "--ids", *gone]) == 0
+    v3 = load_index(version_uri(root, 3))
+    assert v3.size == 38 and not set(gone) & set(v3.images["id"])
+    assert [(v["version"], v["images"]) for v in list_versions(root)] == [(1, 34), (2, 40), (3, 38)]
+    broken = tmp_path / "broken"  # a good manifest over a truncated vector file
+    shutil.copytree(version_uri(root, 3), broken)
+    (broken / "images.npy").write_bytes((broken / "images.npy").read_bytes()[:200])
+
+    out = tmp_path / "load.json"
+    load = _load(url, 40, 3, out)
+    time.sleep(2)
+    for uri, size in ((root, 34), (version_uri(root, 2), 40), (version_uri(root, 3), 38)):
+        swap = _harma_serve(_serve_config(tmp_path / f"v{size}.yaml", service["port"], service["a"],
+                                          service["index_all"], user_index=uri))
+        _served_everywhere(url, uri)
+        _stop(swap)
+        answer = requests.post(url + "v1/text-to-images", json={"text": "a river", "k": 50}, timeout=30).json()
+        assert answer["index"]["images"] == size and len(answer["results"]) == size
+    assert not set(gone) & {h["id"] for h in answer["results"]}
+    swap = _harma_serve(_serve_config(tmp_path / "broken.yaml", service["port"], service["a"], service["index_all"],
+                                      user_index=str(broken)))
+    deadline, infos = time.time() + 90, []
+    while time.time() < deadline and not any(i["index_error"] for i in infos[-3:]):
+        infos.append(requests.get(url + "v1/info", timeout=30).json())
+        time.sleep(0.5)
+    _stop(swap)
+    time.sleep(2)
+    infos = [requests.get(url + "v1/info", timeout=30).json() for _ in range(6)]
+    stdout, _ = load.communicate(timeout=120)
+    summary = json.loads(out.read_text())
+    # every replica tried the broken version and kept what it served: v3 for the one that served it
+    # (a replica the autoscaler started meanwhile began on the application's own index)
+    assert all(i["index_error"] and i["index_error"]["index_uri"] == str(broken) for i in infos), infos
+    assert {i["index_uri"] for i in infos} <= {version_uri(root, 3), service["index_all"]}
+    assert version_uri(root, 3) in {i["index_uri"] for i in infos}
+    assert infos[0]["index_error"]["message"].startswith("ValueError: EOF: reading array data"), infos[0]
+    assert summary["failed"] == 0 and summary["ok"] > 30, summary
+    print(json.dumps({k: summary[k] for k in ("requests", "ok", "failed", "qps", "latency_ms")}))
+    back = _harma_serve(_serve_config(tmp_path / "back.yaml", service["port"], service["a"], service["index_all"],
+                                      user_index=service["index_all"]))
+    _served_everywhere(url, service["index_all"])
+    _stop(back)
 
 
 def test_autoscaling_and_a_killed_replica_under_load(service, tmp_path):

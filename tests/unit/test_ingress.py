@@ -10,6 +10,7 @@ from harma.serve.ingress import (
     PORT_VARS,
     RETRY_ON,
     RETRY_VAR,
+    ROUTER_LOOP_FLAG,
     SAME_LOOP_FLAG,
     ensure_fast_ingress,
     haproxy_available,
@@ -28,7 +29,7 @@ def test_unset_environment_gets_haproxy_same_loop_and_free_ports():
     env: dict[str, str] = {}
     assert ensure_fast_ingress(env) == "haproxy"
     assert env[HAPROXY_FLAG] == "1"
-    assert env[SAME_LOOP_FLAG] == "0"
+    assert env[SAME_LOOP_FLAG] == "0" and env[ROUTER_LOOP_FLAG] == "0"
     assert env[RETRY_VAR] == RETRY_ON == "conn-failure empty-response response-timeout"
     assert env[DRAIN_VAR] == "2"
     ports = [int(env[var]) for var in PORT_VARS]
@@ -61,7 +62,7 @@ def test_without_an_haproxy_binary_serve_keeps_its_python_proxy(monkeypatch):
 
 
 def test_default_is_os_environ(monkeypatch):
-    for var in (HAPROXY_FLAG, SAME_LOOP_FLAG, RETRY_VAR, DRAIN_VAR, *PORT_VARS):
+    for var in (HAPROXY_FLAG, SAME_LOOP_FLAG, ROUTER_LOOP_FLAG, RETRY_VAR, DRAIN_VAR, *PORT_VARS):
         monkeypatch.setenv(var, "")  # recorded, so the teardown restores the session's value
         monkeypatch.delenv(var)
     assert ensure_fast_ingress() == "haproxy"

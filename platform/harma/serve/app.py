@@ -29,13 +29,11 @@ without a restart by setting the deployment's `user_config: {index_uri: ...}`.
 # No `from __future__ import annotations` here: FastAPI must see real types on the route methods.
 
 import asyncio
-import base64
 import functools
 import hmac
 import logging
 import os
 import time
-from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -49,7 +47,8 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import ray
-from harma.geo.query import NMS_POOL, feature_collection, suppress_overlaps
+from harma.geo.query import NMS_POOL, feature_collection
+from harma.index.shards import is_sharded, merge_hits
 from harma.serve.api import (
     GEOJSON,
     ApiError,
@@ -66,14 +65,24 @@ from harma.serve.api import (
     parse_image_params,
     parse_text_queries,
     parse_text_query,
-    place_of,
     single_values,
     wants_geojson,
 )
 from harma.serve.coalesce import BatchCoalescer
-from harma.serve.index import EmbeddingIndex, check_index_matches, search_batch
+from harma.serve.index import EmbeddingIndex, check_index_matches
 from harma.serve.metrics import current as current_metrics
 from harma.serve.metrics import install as install_metrics
+from harma.serve.search import (
+    NO_CAPTIONS,
+    Job,
+    Loaded,
+    ShardedIndex,
+    hits_of,
+    load_served,
+    search_jobs,
+    suppress_hits,
+    wants_suppression,
+)
 
 log = logging.getLogger("harma.serve")
 
@@ -180,34 +189,6 @@ def _image_body() -> dict[str, Any]:
         "image/*": {"schema": {"type": "string", "format": "binary", "minLength": 1}}}}}
 
 
-@dataclass
-class _Job:
-    """One query waiting in a batch."""
-
-    target: str  # images | captions
-    k: int
-    filters: dict
-    thumbnails: bool
-    text: str | None = None
-    pixels: np.ndarray | None = None
-    place: Any = None  # harma.geo.query.PlaceQuery
-    nms: bool = True
-
-    @classmethod
-    def of(cls, target: str, query, **kwargs) -> "_Job":
-        return cls(target, query.k, query.filters, query.include_thumbnails, place=place_of(query), nms=query.nms,
-                   **kwargs)
-
-
-@dataclass
-class _Loaded:
-    """An index and its galleries on the device; swapped as one reference."""
-
-    uri: str
-    index: EmbeddingIndex
-    galleries: dict[str, torch.Tensor]
-
-
 # Module functions the deployment calls are defined above it: Serve pickles the class with the
 # module globals as they are at its definition.
 def _scene_info(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -217,13 +198,6 @@ def _scene_info(manifest: dict[str, Any]) -> dict[str, Any]:
         return {}
     return {"scenes": [{k: v for k, v in sc.items() if k != "quicklook"} | {"quicklook": f"v1/quicklooks/{i}"}
                        for i, sc in enumerate(listed)]}
-
-
-def _suppress(index: EmbeddingIndex, scores: list[float], rows: list[int], k: int) -> tuple[list[float], list[int]]:
-    """The best `k` of the candidates after non-maximum suppression on their footprints."""
-    kept = set(suppress_overlaps(rows, index.tiles.geometries)[:k])
-    pairs = [(s, r) for s, r in zip(scores, rows, strict=True) if r in kept]
-    return [s for s, _ in pairs], [r for _, r in pairs]
 
 
 _CONTRACT: dict[str, Any] = {}  # the replica's OpenAPI document, made once (api.openapi_contract)
@@ -272,7 +246,7 @@ def _page_html() -> str:
 class Retriever:
     """Query encoder + index + HTTP API in one replica (see the module docstring)."""
 
-    def __init__(self, args: dict[str, Any]):
+    def __init__(self, args: dict[str, Any], *shards):
         from harma.serve.encoder import ModelThread, QueryEncoder
         from harma.serve.index import checkpoint_fingerprint
 
@@ -286,7 +260,13 @@ class Retriever:
                                                self.args.trace_encoders, self.args.precision)
         self.fingerprint = checkpoint_fingerprint(self.args.checkpoint_uri)
         self._api_key = os.environ.get(self.args.api_key_env, "").encode()
+        # DeploymentHandles of a sharded index's IndexShard deployments, over the replicas' gRPC
+        # servers rather than Ray actor calls (Serve's `_by_reference=False`: what its throughput-
+        # optimised mode uses by default): 3 shards cost 3.5 ms a query over the unsharded index
+        # instead of 8.6 on 2 cores (benchmarks/shard_fanout.py).
+        self.shards = [shard.options(_by_reference=False) for shard in shards]
         self.state = self._load(self.args.index_uri)
+        self.index_error: dict[str, Any] | None = None  # the last index version that failed to load
         self.metrics = install_metrics()
         self.metrics.index(self.state.index.manifest, self.state.index.size)
         _index_served(self.state.index)
@@ -301,27 +281,38 @@ class Retriever:
                  "on" if self._api_key else "off")
 
     # --- index ---------------------------------------------------------------------------------
-    def _load(self, uri: str) -> _Loaded:
-        from harma.serve.index import load_index, read_manifest
+    def _load(self, uri: str) -> Loaded:
+        if self.shards:  # the shards hold the galleries; the ingress only their root manifest
+            from harma.serve.index import read_manifest
 
-        check_index_matches(read_manifest(uri), self.args.checkpoint_uri, self.fingerprint)
-        index = load_index(uri)
-        device = self.encoder.device
-        # An approximate index searches its FAISS structure (index.ann), not a tensor on the device.
-        galleries = {} if index.ann is not None else {"images": torch.from_numpy(index.image_emb).to(device)}
-        if index.caption_emb is not None:
-            galleries["captions"] = torch.from_numpy(index.caption_emb).to(device)
-        return _Loaded(uri, index, galleries)
+            manifest = read_manifest(uri)
+            check_index_matches(manifest, self.args.checkpoint_uri, self.fingerprint)
+            if uri != self.args.index_uri or not is_sharded(manifest):
+                raise ValueError(f"{uri}: this application serves the {len(self.shards)} shards of "
+                                 f"{self.args.index_uri}; another index is served by deploying the application "
+                                 f"again with it (args.index_uri), not through user_config")
+            return Loaded(uri, ShardedIndex(manifest), {})
+        return load_served(uri, self.args.checkpoint_uri, self.fingerprint, self.encoder.device)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """`user_config: {index_uri: ...}` swaps the index in place: no restart, no lost request."""
+        """`user_config: {index_uri: ...}` swaps the index in place: no restart, no lost request. An
+        index that fails to load (missing, of another checkpoint, corrupt) leaves the replica serving
+        the one it has, the failure in /v1/info's `index_error` and the metrics."""
         unknown = sorted(set(user_config or {}) - {"index_uri"})
         if unknown:
             raise ValueError(f"user_config: unknown key(s) {unknown}; only index_uri")
         uri = (user_config or {}).get("index_uri")
         if uri and uri != self.state.uri:
-            loaded = await asyncio.get_running_loop().run_in_executor(None, self._load, uri)
+            try:
+                loaded = await asyncio.get_running_loop().run_in_executor(None, self._load, uri)
+            except Exception as err:  # a version that cannot load: keep serving the one loaded
+                self.index_error = {"index_uri": uri, "message": f"{type(err).__name__}: {err}"[:500],
+                                    "at": time.time()}
+                self.metrics.index_load_failed()
+                log.error("index %s not loaded, still serving %s: %s", uri, self.state.uri, err)
+                return
             self.state = loaded  # requests already in a batch finish on the old index
+            self.index_error = None
             self.metrics.index(loaded.index.manifest, loaded.index.size)
             _index_served(loaded.index)
             log.info("index replaced: %s (%d images)", uri, loaded.index.size)
@@ -329,6 +320,7 @@ class Retriever:
     def check_health(self) -> None:
         if not self.state.index.size:
             raise RuntimeError("no index loaded")
+        self.metrics.refresh()
 
     # --- auth ----------------------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:
@@ -344,69 +336,75 @@ class Retriever:
             raise ApiError(401, "invalid API key")
 
     # --- batched model work --------------------------------------------------------------------
-    def _answer(self, kind: str, jobs: list[_Job]) -> list[dict[str, Any] | ApiError]:
-        """Encode a batch in one forward pass and search each gallery with one matrix product."""
+    def _answer(self, kind: str, jobs: list[Job]) -> list[dict[str, Any] | ApiError | np.ndarray]:
+        """Encode a batch in one forward pass and search each gallery with one matrix product (a
+        sharded index: the embeddings, for `_sharded_answers` to send to the shards)."""
         loaded = self.state
-        index = loaded.index
         if kind == "text":
             emb = self.encoder.encode_texts([j.text for j in jobs])
         else:
             emb = self.encoder.encode_pixels(np.stack([j.pixels for j in jobs]))
+        if self.shards:
+            return list(emb.float().cpu().numpy())
         answers: list[dict[str, Any] | ApiError] = [None] * len(jobs)  # type: ignore[list-item]
         for target in ("images", "captions"):
             rows = [i for i, j in enumerate(jobs) if j.target == target]
             if not rows:
                 continue
-            if target == "captions" and "captions" not in loaded.galleries:
-                for i in rows:
-                    answers[i] = ApiError(422, "this index has no captions (built from an image "
-                                               "folder or with index.captions=false)")
-                continue
-            masks, ks = [], []
-            for i in rows:
-                try:
-                    masks.append(index.search_mask(target, jobs[i].filters, jobs[i].place))
-                except ValueError as err:
-                    masks.append(None)
-                    answers[i] = ApiError(422, str(err))
-                suppress = target == "images" and jobs[i].nms and index.has_footprints
-                ks.append(min(jobs[i].k * NMS_POOL, index.size) if suppress else jobs[i].k)
-            if target == "images" and index.ann is not None:
-                found = index.ann.search(emb[rows].float().cpu().numpy(), ks, masks)
-                self.metrics.reranked(index.ann.take_reranked())
-            else:
-                found = search_batch(emb[rows], loaded.galleries[target], ks, masks)
-            for i, (scores, hits) in zip(rows, found, strict=True):
-                if answers[i] is None:
-                    if target == "images" and jobs[i].nms and index.has_footprints:
-                        scores, hits = _suppress(index, scores, hits, jobs[i].k)
-                    answers[i] = self._results(index, jobs[i], scores, hits)
+            found = search_jobs(loaded, target, emb[rows], [jobs[i] for i in rows],
+                                on_reranked=self.metrics.reranked)
+            for i, answer in zip(rows, found, strict=True):
+                answers[i] = answer if isinstance(answer, ApiError) else \
+                    self._results(loaded.index, hits_of(loaded.index, jobs[i], *answer))
         return answers
 
-    @staticmethod
-    def _results(index: EmbeddingIndex, job: _Job, scores: list[float], rows: list[int]) -> dict[str, Any]:
-        results = []
-        for rank, (score, row) in enumerate(zip(scores, rows, strict=True), start=1):
-            if job.target == "captions":
-                hit = index.caption_result(row, score)
-            else:
-                hit = index.image_result(row, score)
-                if job.thumbnails:
-                    thumb = index.thumbnail(hit["id"])
-                    hit["thumbnail"] = ("data:image/jpeg;base64," + base64.b64encode(thumb).decode()) if thumb else None
-            results.append({"rank": rank, **hit})
-        return {"results": results, "index": {"fingerprint": index.manifest["checkpoint_fingerprint"],
-                                              "images": index.size, "captions": index.caption_count,
-                                              "built_at": index.manifest.get("built_at")}}
+    async def _sharded_answers(self, jobs: list[Job], embeddings: list[np.ndarray]) -> list[dict[str, Any] | ApiError]:
+        """Each job's answer from every shard (one handle call a shard and gallery for the whole
+        group), merged: the k best of the shards' k best, suppressed after the merge for a scene index."""
+        index = self.state.index
+        answers: list[dict[str, Any] | ApiError] = [None] * len(jobs)  # type: ignore[list-item]
+        for target in ("images", "captions"):
+            rows = [i for i, j in enumerate(jobs) if j.target == target]
+            if not rows:
+                continue
+            if target == "captions" and not index.caption_count:
+                for i in rows:
+                    answers[i] = ApiError(422, NO_CAPTIONS)
+                continue
+            emb = np.stack([embeddings[i] for i in rows])
+            specs = [jobs[i].for_search() for i in rows]
+            pending = [shard.search.remote(target, emb, specs) for shard in self.shards]  # all sent, then awaited
+            per_shard = [await response for response in pending]
+            for n, i in enumerate(rows):
+                parts = [answer[n] for answer in per_shard]
+                failed = next((p for p in parts if isinstance(p, tuple)), None)
+                if failed is not None:
+                    answers[i] = ApiError(*failed)
+                    continue
+                pooled = wants_suppression(index.has_footprints, jobs[i])
+                merged = merge_hits(parts, jobs[i].k * NMS_POOL if pooled else jobs[i].k)
+                answers[i] = self._results(index, suppress_hits(merged, jobs[i].k) if pooled else merged)
+        return answers
 
-    async def _respond(self, job: _Job, kind: str, started: float, request: Request) -> JSONResponse:
+    async def _search(self, kind: str, jobs: list[Job]) -> list[dict[str, Any] | ApiError]:
+        """The jobs through the replica's batcher (and the shards of a sharded index)."""
+        answers = await self._coalescers[kind].submit(jobs)
+        return await self._sharded_answers(jobs, answers) if self.shards else answers
+
+    @staticmethod
+    def _results(index, hits: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"results": [{"rank": rank, **hit} for rank, hit in enumerate(hits, start=1)],
+                "index": {"fingerprint": index.manifest["checkpoint_fingerprint"], "images": index.size,
+                          "captions": index.caption_count, "built_at": index.manifest.get("built_at")}}
+
+    async def _respond(self, job: Job, kind: str, started: float, request: Request) -> JSONResponse:
         """One query's answer, as SearchResponse documents it (built here, not re-validated by
         FastAPI: that cost ~8% of a replica's per-request Python time on 2 CPU cores), or as a
         GeoJSON FeatureCollection (`format=geojson` or `Accept: application/geo+json`)."""
         geojson = wants_geojson(dict(request.query_params), request.headers.get("accept"))
         if geojson and (job.target != "images" or not self.state.index.has_footprints):
             raise ApiError(422, "GeoJSON answers need image hits from a scene index (index.corpus_format geotiff)")
-        [answer] = await self._coalescers[kind].submit([job])
+        [answer] = await self._search(kind, [job])
         if isinstance(answer, ApiError):
             raise answer
         query = {"kind": kind, "target": job.target, "k": job.k, "filters": job.filters}
@@ -443,10 +441,12 @@ class Retriever:
             "device": str(self.encoder.device), "towers": self.encoder.towers,
             "precision": self.encoder.precision,
             "index_uri": self.state.uri,
+            "index_error": self.index_error,
             "index": {"images": self.state.index.size, "captions": self.state.index.caption_count,
                       "built_at": manifest.get("built_at"), "corpus_uri": manifest.get("corpus_uri"),
                       "precision": manifest.get("precision"), **_scene_info(manifest),
-                      **({"ann": manifest["ann"]} if self.state.index.ann is not None else {})},
+                      **({"ann": manifest["ann"]} if self.state.index.ann is not None else {}),
+                      **({"shards": len(self.shards)} if self.shards else {})},
             "limits": self.limits.model_dump(),
             "batching": {"max_batch_size": self.args.max_batch_size,
                          "batch_wait_timeout_s": self.args.batch_wait_timeout_s,
@@ -463,7 +463,7 @@ class Retriever:
         started = time.perf_counter()
         self._authorize(request)
         query = parse_text_query(await _read_body(request, self.limits.max_request_bytes), request.headers.get("content-type"), self.limits)
-        job = _Job.of("images", query, text=query.text)
+        job = Job.of("images", query, text=query.text)
         return await self._respond(job, "text", started, request)
 
     @api.post("/v1/text-to-images/batch", responses={**_ERRORS, 200: {"model": BatchSearchResponse}},
@@ -481,10 +481,9 @@ class Retriever:
         self._authorize(request)
         queries = parse_text_queries(await _read_body(request, self.limits.max_request_bytes),
                                      request.headers.get("content-type"), self.limits)
-        jobs = [_Job.of("images", q, text=q.text) for q in queries]
+        jobs = [Job.of("images", q, text=q.text) for q in queries]
         size = self.args.max_batch_size
-        groups = await asyncio.gather(*(self._coalescers["text"].submit(jobs[i:i + size])
-                                        for i in range(0, len(jobs), size)))
+        groups = await asyncio.gather(*(self._search("text", jobs[i:i + size]) for i in range(0, len(jobs), size)))
         answers = [answer for group in groups for answer in group]
         for i, answer in enumerate(answers):
             if isinstance(answer, ApiError):
@@ -508,6 +507,9 @@ class Retriever:
     async def thumbnail(self, item_id: str, request: Request) -> Response:
         self._authorize(request)
         data = self.state.index.thumbnail(item_id)  # a dictionary lookup, never a file path
+        if data is None and self.shards:
+            data = next((d for d in await asyncio.gather(*(s.thumbnail.remote(item_id) for s in self.shards)) if d),
+                        None)
         if data is None:
             raise ApiError(404, f"no thumbnail for {item_id!r} in this index")
         return Response(data, media_type="image/jpeg")
@@ -566,7 +568,7 @@ class Retriever:
             pixels = await asyncio.to_thread(self.encoder.preprocess, data)
         except UnreadableImageError as err:
             raise ApiError(400, str(err)) from None
-        job = _Job.of(target, query, pixels=pixels)
+        job = Job.of(target, query, pixels=pixels)
         return await self._respond(job, "image", started, request)
 
 
@@ -575,6 +577,14 @@ def build_app(args: dict[str, Any]) -> ray.serve.Application:
     from harma.serve.index import checkpoint_fingerprint, read_manifest
 
     parsed = ServeArgs.model_validate(args)
-    check_index_matches(read_manifest(parsed.index_uri), parsed.checkpoint_uri,
-                        checkpoint_fingerprint(parsed.checkpoint_uri))
-    return Retriever.bind(parsed.model_dump())
+    manifest = read_manifest(parsed.index_uri)
+    check_index_matches(manifest, parsed.checkpoint_uri, checkpoint_fingerprint(parsed.checkpoint_uri))
+    if not is_sharded(manifest):
+        return Retriever.bind(parsed.model_dump())
+    from harma import storage
+    from harma.serve.shard import IndexShard
+
+    shards = [IndexShard.options(name=f"IndexShard{i}").bind(
+        {"checkpoint_uri": parsed.checkpoint_uri, "index_uri": storage.join(parsed.index_uri, shard["uri"])})
+        for i, shard in enumerate(manifest["shards"])]
+    return Retriever.bind(parsed.model_dump(), *shards)

@@ -16,6 +16,7 @@ import io
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -138,16 +139,34 @@ def _parquet_rows(files: list[str]) -> int:
     return total
 
 
+class NothingNewError(ValueError):
+    """`harma index add` found no item of the corpus that the index lacks."""
+
+
+def _relative(path: str, root: str) -> str:
+    """An image file's id: its path under the corpus folder."""
+    prefix = root.rstrip("/") + "/"
+    return path[len(prefix):] if path.startswith(prefix) else path
+
+
 GEO_COLUMNS = ("scene", "datetime", "window", "geometry", "centre_lon", "centre_lat", "gsd")
 
 
-def _image_dataset(cfg: IndexConfig, image_size: int) -> tuple[ray.data.Dataset, int | None, dict]:
+def _image_dataset(cfg: IndexConfig, image_size: int, skip: frozenset[str] = frozenset()
+                   ) -> tuple[ray.data.Dataset, int | None, dict]:
     """(dataset of image rows with image (or pixels), id, source, image_id, split, label; number of
-    images when known beforehand; the scenes of a geotiff corpus: {"scenes": [...], "bad": [...]})."""
+    images when known beforehand; the scenes of a geotiff corpus: {"scenes": [...], "bad": [...]}).
+    Items in `skip` (image ids; scene ids of a geotiff corpus) are left out, before their pixels are
+    read where the corpus lists them (files, scenes), as they are read from prepared shards."""
     if cfg.corpus_format == "geotiff":
         from harma.geo.corpus import list_scenes, tile_dataset
 
         scenes, bad = list_scenes(cfg.corpus_uri)
+        if skip:
+            scenes = [s for s in scenes if s["scene"] not in skip]
+            bad = [b for b in bad if b.get("scene") not in skip]
+            if not scenes:
+                raise NothingNewError(f"{cfg.corpus_uri}: every scene is already in the index")
         if not scenes:
             raise ValueError(f"{cfg.corpus_uri}: no readable scene ({'; '.join(b['reason'] for b in bad[:3])})")
         return tile_dataset(scenes, cfg.geo.model_dump(), image_size), None, {"scenes": scenes, "bad": bad}
@@ -157,9 +176,17 @@ def _image_dataset(cfg: IndexConfig, image_size: int) -> tuple[ray.data.Dataset,
         ds = ray.data.read_parquet([storage.resolve(f)[1] for f in files], filesystem=fs, num_cpus=READ_CPUS,
                                    columns=["image", "image_key", "image_id", "split", "label"])
         total = _parquet_rows(files)
+        if skip:  # the keys alone (no image bytes read) say how many are new
+            keys = [k for f in files for k in storage.read_table(f, columns=["image_key"]).column(0).to_pylist()]
+            total = sum(1 for k in keys if str(k) not in skip)
+            if not total:
+                raise NothingNewError(f"{cfg.corpus_uri}: every image of splits {cfg.splits} is already in the index")
 
         def rename(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             keys = batch.pop("image_key")  # the image's path under the source image folder
+            if skip:
+                new = np.array([str(k) not in skip for k in keys], dtype=bool)
+                batch, keys = {c: v[new] for c, v in batch.items()}, keys[new]
             return {**batch, "id": keys, "source": keys}
 
         return ds.map_batches(rename, batch_format="numpy", num_cpus=0.1), total, {}
@@ -168,13 +195,15 @@ def _image_dataset(cfg: IndexConfig, image_size: int) -> tuple[ray.data.Dataset,
     if not files:
         raise FileNotFoundError(f"{cfg.corpus_uri}: no image files ({', '.join(extensions)})")
     fs, root = storage.resolve(cfg.corpus_uri)
+    if skip:
+        files = [f for f in files if _relative(storage.resolve(f)[1], root) not in skip]
+        if not files:
+            raise NothingNewError(f"{cfg.corpus_uri}: every image file is already in the index")
     ds = ray.data.read_binary_files([storage.resolve(f)[1] for f in files], filesystem=fs,
                                     include_paths=True, num_cpus=READ_CPUS)
-    prefix = root.rstrip("/") + "/"
 
     def to_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rel = np.array([str(p)[len(prefix):] if str(p).startswith(prefix) else str(p)
-                        for p in batch["path"]], dtype=object)
+        rel = np.array([_relative(str(p), root) for p in batch["path"]], dtype=object)
         n = len(rel)
         return {"image": batch["bytes"], "id": rel, "source": rel,
                 "image_id": np.full(n, -1, np.int64), "split": np.array([""] * n, dtype=object),
@@ -283,13 +312,17 @@ def _embed_index_images(encoder, cfg: IndexConfig, ids: list[str]) -> np.ndarray
                            for i in range(0, len(pixels), 64)])
 
 
+def quicklook_name(position: int) -> str:
+    return f"quicklooks/{position:05d}.png"
+
+
 QUICKLOOK_PIXELS = 512  # long side of a scene's overview image in a scene index
 
 
-def _quicklooks(cfg: IndexConfig, scenes: list[dict], bad: set[str], meta: dict) -> list[dict]:
+def _quicklooks(cfg: IndexConfig, scenes: list[dict], bad: set[str], meta: dict, first: int = 0) -> list[dict]:
     """Each indexed scene's overview PNG written under `<index>/quicklooks/` (one Ray task per
     scene, reading the COG's overviews), and the scene list the manifest keeps: id, time, size,
-    corners, the overview's file (named by position, never by the scene id)."""
+    corners, the overview's file (named by position from `first`, never by the scene id)."""
     from harma.geo.radiometry import PRESETS
     from harma.geo.reader import make_quicklook
 
@@ -298,8 +331,8 @@ def _quicklooks(cfg: IndexConfig, scenes: list[dict], bad: set[str], meta: dict)
     task = ray.remote(num_cpus=READ_CPUS)(make_quicklook)
     looks = ray.get([task.remote(s["uri"], PRESETS[cfg.geo.preset], QUICKLOOK_PIXELS) for s in wanted])
     listed = []
-    for i, (scene, look) in enumerate(zip(wanted, looks, strict=True)):
-        name = f"quicklooks/{i:05d}.png"
+    for i, (scene, look) in enumerate(zip(wanted, looks, strict=True), start=first):
+        name = quicklook_name(i)
         storage.write_bytes(storage.join(cfg.output_uri, name), look.pop("png"))
         listed.append({"scene": scene["scene"], "datetime": times[scene["scene"]], "quicklook": name, **look})
     return listed
@@ -312,30 +345,46 @@ def _check_bad_scenes(bad: list[dict], scenes: int, max_fraction: float, corpus_
                          f"{max_fraction} (nothing was written): {listed}")
 
 
-def build_index(cfg: IndexConfig, progress=log.info) -> dict[str, Any]:
-    """Embed the corpus, write the index to `cfg.output_uri`; returns the manifest."""
-    t0 = time.perf_counter()
-    # Ray Data actors run in another working directory: local paths must be absolute.
+@dataclass
+class EmbeddedCorpus:
+    """A corpus embedded by `embed_corpus`: what an index version is written from."""
+
+    image_emb: np.ndarray  # (N, D) float32
+    meta: dict[str, list]  # image columns (id, source, image_id, split, label, thumbnail [, geo])
+    caption_emb: np.ndarray | None
+    captions: dict[str, list] | None  # caption, image, image_row (rows of `meta`)
+    skipped: list  # undecodable image ids; a geotiff corpus: unreadable scenes ({uri, scene, reason})
+    scenes: list[dict]  # a geotiff corpus: the scenes read (harma.geo.corpus.list_scenes)
+    nodata_tiles: int = 0
+
+
+def _prepare(cfg: IndexConfig) -> IndexConfig:
+    """Absolute URIs (Ray Data actors run in another working directory), storage checked, Ray Data quiet."""
     cfg = cfg.model_copy(update={k: storage.absolute(getattr(cfg, k))
                                  for k in ("checkpoint_uri", "corpus_uri", "output_uri")})
     storage.preflight(cfg.checkpoint_uri)
     storage.preflight(cfg.corpus_uri)
     storage.preflight(cfg.output_uri, write=True)
-    fingerprint = checkpoint_fingerprint(cfg.checkpoint_uri)
-    device = "cuda" if cfg.use_gpu else "cpu"
     ray.data.DataContext.get_current().enable_progress_bars = False
     ray.data.DataContext.get_current().execution_options.preserve_order = True
+    return cfg
 
+
+def embed_corpus(cfg: IndexConfig, progress=log.info, skip: frozenset[str] = frozenset()) -> EmbeddedCorpus:
+    """Embed the corpus's images (but those in `skip`: image ids, or scene ids of a geotiff corpus)
+    with a pool of `cfg.actors` actors, and the captions of the images embedded."""
+    t0 = time.perf_counter()
+    device = "cuda" if cfg.use_gpu else "cpu"
     from harma.model.backbone import arch_info
     from harma.model.checkpoint import read_checkpoint_config
 
     image_size = arch_info(read_checkpoint_config(cfg.checkpoint_uri).model.backbone.arch).image_size
-    images, total, archive = _image_dataset(cfg, image_size)
+    images, total, archive = _image_dataset(cfg, image_size, skip)
     geo = cfg.corpus_format == "geotiff"
     # Readers hand on blocks of up to 128 MiB: a small corpus was one block, so one actor embedded
     # all of it whatever `index.actors` said. Blocks of one inference batch spread it over the pool.
     images = images.repartition(target_num_rows_per_block=cfg.batch_size)
-    what = f"tiles of {len(archive['scenes'])} scene(s)" if geo else f"{total} images"
+    what = f"tiles of {len(archive['scenes'])} scene(s)" if geo else f"{total}{' new' if skip else ''} images"
     progress(f"embedding {what} from {cfg.corpus_uri} with {cfg.checkpoint_uri} "
              f"({cfg.actors} actor(s), {device})")
     embedded = images.map_batches(ImageEmbedder, fn_constructor_args=(cfg.checkpoint_uri, device,
@@ -386,7 +435,6 @@ def build_index(cfg: IndexConfig, progress=log.info) -> dict[str, Any]:
             meta[key] = [str(v) for v in meta[key]]
         for key in ("centre_lon", "centre_lat", "gsd"):
             meta[key] = [float(v) for v in meta[key]]
-        scene_list = _quicklooks(cfg, archive["scenes"], {b["scene"] for b in skipped}, meta)
         progress(f"  {done} tiles: {len(meta['id'])} embedded, {nodata_tiles} mostly nodata skipped, "
                  f"{len(skipped)} scene(s) skipped")
         for bad in skipped[:10]:
@@ -397,6 +445,8 @@ def build_index(cfg: IndexConfig, progress=log.info) -> dict[str, Any]:
     if skipped and not geo:
         progress(f"  skipped {len(skipped)} undecodable image(s): {', '.join(skipped[:10])}")
     if not len(image_emb):
+        if skip and not skipped:
+            raise NothingNewError(f"{cfg.corpus_uri}: every image of splits {cfg.splits} is already in the index")
         raise ValueError(f"{cfg.corpus_uri}: no decodable images to index")
 
     caption_emb = captions = None
@@ -415,29 +465,98 @@ def build_index(cfg: IndexConfig, progress=log.info) -> dict[str, Any]:
             captions["image_row"].extend(row_of[str(k)] for k in batch["image"][keep])
         caption_emb = np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
         progress(f"  captions {len(caption_emb)}")
+    return EmbeddedCorpus(image_emb, meta, caption_emb, captions, skipped, archive.get("scenes", []), nodata_tiles)
 
+
+def _scenes_read(corpus: EmbeddedCorpus) -> int:
+    return len({s["scene"] for s in corpus.scenes} - {b["scene"] for b in corpus.skipped})
+
+
+def build_index(cfg: IndexConfig, progress=log.info) -> dict[str, Any]:
+    """Embed the corpus, write the index to `cfg.output_uri` (version 1); returns the manifest."""
+    t0 = time.perf_counter()
+    cfg = _prepare(cfg)
+    fingerprint = checkpoint_fingerprint(cfg.checkpoint_uri)
+    corpus = embed_corpus(cfg, progress)
+    geo = cfg.corpus_format == "geotiff"
+    if geo:
+        scene_list = _quicklooks(cfg, corpus.scenes, {b["scene"] for b in corpus.skipped}, corpus.meta)
     manifest = {
         "format": FORMAT,
+        "version": 1,
+        "parent": None,
         "checkpoint_uri": cfg.checkpoint_uri,
         "checkpoint_fingerprint": fingerprint["fingerprint"],
         "config_sha256": fingerprint["config_sha256"],
         "adapter_sha256": fingerprint["adapter_sha256"],
-        "embed_dim": dim,
-        "images": int(len(image_emb)),
-        "captions": 0 if caption_emb is None else int(len(caption_emb)),
+        "embed_dim": int(corpus.image_emb.shape[1]),
+        "images": int(len(corpus.image_emb)),
+        "captions": 0 if corpus.caption_emb is None else int(len(corpus.caption_emb)),
         "corpus_uri": cfg.corpus_uri,
         "corpus_format": cfg.corpus_format,
         "splits": cfg.splits if cfg.corpus_format == "prepared" else [],
-        "skipped": skipped,
+        "skipped": corpus.skipped,
         "thumbnails": bool(cfg.thumbnail_size),
-        **({"geo": {"crs": "OGC:CRS84", "scenes": len(archive["scenes"]) + len(archive["bad"]) - len(skipped),
-                    "tiles_nodata": nodata_tiles, "scene_list": scene_list, **cfg.geo.model_dump()}} if geo else {}),
+        "thumbnail_size": cfg.thumbnail_size,
+        **({"geo": {"crs": "OGC:CRS84", "scenes": _scenes_read(corpus), "tiles_nodata": corpus.nodata_tiles,
+                    "scene_list": scene_list, **cfg.geo.model_dump()}} if geo else {}),
         "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "build_seconds": round(time.perf_counter() - t0, 2),
-        "precision": precision_record(cfg, image_emb, caption_emb, captions, meta, progress),
+        "precision": precision_record(cfg, corpus.image_emb, corpus.caption_emb, corpus.captions, corpus.meta,
+                                      progress),
     }
-    ann_index = _approximate(cfg, image_emb, manifest, progress)
-    save_index(cfg.output_uri, EmbeddingIndex(manifest, image_emb, meta, caption_emb, captions), ann_index)
+    slices = _shard_plan(cfg, corpus.image_emb)
+    if len(slices) > 1:
+        _write_shards(cfg, manifest, corpus, slices, progress)
+    else:
+        ann_index = _approximate(cfg, corpus.image_emb, manifest, progress)
+        save_index(cfg.output_uri, EmbeddingIndex(manifest, corpus.image_emb, corpus.meta, corpus.caption_emb,
+                                                  corpus.captions), ann_index)
     progress(f"index written to {cfg.output_uri}: {manifest['images']} images, {manifest['captions']} "
-             f"captions, {manifest['build_seconds']:.0f} s")
+             f"captions{f' in {len(slices)} shards' if len(slices) > 1 else ''}, {manifest['build_seconds']:.0f} s")
     return manifest
+
+
+def _shard_plan(cfg: IndexConfig, image_emb: np.ndarray) -> list[tuple[int, int]]:
+    """The slices of the gallery each shard holds, from the RAM a vector costs in the kind chosen."""
+    from harma.index.ann import plan_ann, ram_bytes_per_vector
+    from harma.index.shards import plan_shards
+
+    if cfg.max_shard_bytes is None:
+        return [(0, len(image_emb))]
+    params = plan_ann(cfg.ann, len(image_emb), image_emb.shape[1], cfg.ann_params.memory_budget_bytes,
+                      **cfg.ann_params.model_dump(exclude={"memory_budget_bytes"}))
+    per_vector = ram_bytes_per_vector(params.kind, image_emb.shape[1], params.pq_m, cfg.ann_params.hnsw_m)
+    return plan_shards(len(image_emb), per_vector, cfg.max_shard_bytes)
+
+
+def _write_shards(cfg: IndexConfig, manifest: dict, corpus: EmbeddedCorpus, slices: list[tuple[int, int]],
+                  progress) -> None:
+    """Each slice of the gallery (with its images' captions) as a whole index under shards/NNNNN/, of
+    the ANN kind the whole index would have (each with its own cells), then the root manifest."""
+    import json
+
+    from harma.index.ann import plan_ann
+    from harma.index.shards import shard_name
+    from harma.index.update import Rows, kept
+    from harma.serve.index import MANIFEST
+
+    kind = plan_ann(cfg.ann, len(corpus.image_emb), corpus.image_emb.shape[1], cfg.ann_params.memory_budget_bytes,
+                    **cfg.ann_params.model_dump(exclude={"memory_budget_bytes"})).kind
+    rows = Rows(corpus.image_emb, corpus.meta, corpus.caption_emb, corpus.captions)
+    listed = []
+    for position, (first, end) in enumerate(slices):
+        drop = np.ones(len(corpus.image_emb), dtype=bool)
+        drop[first:end] = False
+        part = kept(rows, drop)
+        shard = {**manifest, "images": end - first, "captions": 0 if part.caption_emb is None else len(part.caption_emb),
+                 "shard": {"position": position, "of": len(slices), "first_row": first}}
+        ann_index = _approximate(cfg.model_copy(update={"ann": kind}), part.vectors, shard, progress)
+        uri = storage.join(cfg.output_uri, shard_name(position))
+        save_index(uri, EmbeddingIndex(shard, part.vectors, part.images, part.caption_emb, part.captions), ann_index)
+        listed.append({"uri": shard_name(position), "images": shard["images"], "captions": shard["captions"],
+                       "first_row": first})
+        progress(f"  shard {position + 1}/{len(slices)}: images {first}-{end - 1} ({kind})")
+    manifest["shards"] = listed
+    manifest["ann"] = {"kind": kind}
+    storage.write_bytes(storage.join(cfg.output_uri, MANIFEST), json.dumps(manifest, indent=1).encode())

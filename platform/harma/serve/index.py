@@ -2,7 +2,8 @@
 
 Layout of an index (a folder or s3:// prefix), written by `harma index build`:
 
-    manifest.json      format, checkpoint URI and fingerprint, counts, embedding size, corpus, time
+    manifest.json      format, checkpoint URI and fingerprint, counts, embedding size, corpus, time,
+                       version (1 for a build; harma.index.versions: parent, root_uri, change)
     images.npy         (N, D) float32 L2-normalised image embeddings (an exact index)
     images.f16.npy     (N, D) float16 image embeddings, memory-mapped (an approximate index:
                        manifest `ann.kind` hnsw | ivf_flat | ivf_pq, harma.index.ann)
@@ -262,6 +263,9 @@ def read_manifest(uri: str) -> dict[str, Any]:
 
 def load_index(uri: str) -> EmbeddingIndex:
     manifest = read_manifest(uri)
+    if manifest.get("shards"):
+        raise ValueError(f"{uri} is an index of {len(manifest['shards'])} shards (harma.index.shards): load one "
+                         f"of them ({storage.join(uri, manifest['shards'][0]['uri'])}, ...) or serve the whole")
     ann = None
     if _ann_kind(manifest) == "exact":
         image_emb = np.load(io.BytesIO(storage.read_bytes(storage.join(uri, "images.npy"))), allow_pickle=False)
@@ -269,7 +273,9 @@ def load_index(uri: str) -> EmbeddingIndex:
         from harma.index.ann import AnnParams, AnnSearcher, ann_from_bytes
         from harma.index.cache import local_file
 
-        key = f"{manifest['checkpoint_fingerprint'][:16]}-{manifest.get('built_at', '')}"
+        # one cache entry a version: versions of one index share checkpoint and may share a second
+        where = hashlib.sha256(str(uri).encode()).hexdigest()[:8]
+        key = f"{manifest['checkpoint_fingerprint'][:16]}-{manifest.get('built_at', '')}-v{manifest.get('version', 1)}-{where}"
         image_emb = np.load(local_file(uri, "images.f16.npy", key), mmap_mode="r", allow_pickle=False)
         ann = AnnSearcher(ann_from_bytes(storage.read_bytes(storage.join(uri, "images.ann"))), image_emb,
                           AnnParams.from_manifest(manifest["ann"]))

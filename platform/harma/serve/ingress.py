@@ -32,6 +32,9 @@ HAPROXY_FLAG = "RAY_SERVE_ENABLE_HA_PROXY"
 # decoding, index loading) runs on threads of its own. Cluster-wide: a team that also deploys
 # handlers that block should set it to 1.
 SAME_LOOP_FLAG = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
+# The router of a replica's deployment handles (a sharded index's ingress calls its shards) on that
+# same loop too, not on a loop of its own: 3 shards' fan-out 3.65 -> 3.30 ms a query on 2 cores.
+ROUTER_LOOP_FLAG = "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"
 # What HAProxy retries on another replica. Ray's default is connection failures only; a replica
 # that dies mid-request then fails its in-flight queries (13 of ~19,000 in the test that kills one
 # under load). Every harma endpoint is a read-only query, safe to replay: with these, none failed.
@@ -85,6 +88,7 @@ def ensure_fast_ingress(environ: MutableMapping[str, str] | None = None) -> str:
     elif choice != "1":
         return "proxy"
     env.setdefault(SAME_LOOP_FLAG, "0")
+    env.setdefault(ROUTER_LOOP_FLAG, "0")
     env.setdefault(RETRY_VAR, RETRY_ON)
     env.setdefault(DRAIN_VAR, LOCAL_DRAIN_S)
     for var in PORT_VARS:

@@ -11,6 +11,7 @@ replica records:
     harma_queue_depth               gauge      kind: queries waiting for the next forward pass
     harma_index_images              gauge      version (the index's build time + fingerprint), kind (exact | ann kind)
     harma_ann_candidates_reranked   counter    candidates an approximate index re-scored exactly
+    harma_index_load_failures       counter    index versions a replica failed to load (it kept the old one)
 
 Created in the replica (`install`), read by the HTTP middleware through `current()`; nothing is
 recorded outside a replica.
@@ -40,7 +41,10 @@ class ReplicaMetrics:
                              tag_keys=("version", "kind"))
         self._reranked = Counter("harma_ann_candidates_reranked",
                                  description="Candidates an approximate index re-scored exactly")
+        self._load_failures = Counter("harma_index_load_failures",
+                                      description="Index versions the replica failed to load (it kept serving the old)")
         self._version: dict[str, str] | None = None
+        self._gauges: dict[tuple, float] = {}  # index gauge tags -> value, set again by `refresh`
 
     def request(self, endpoint: str, status: int, seconds: float) -> None:
         tags = {"endpoint": endpoint, "status": str(status)}
@@ -54,12 +58,26 @@ class ReplicaMetrics:
 
     def index(self, manifest: dict, images: int) -> None:
         """The index now served (the one before it reads 0 from here on)."""
-        tags = {"version": f"{manifest.get('built_at', '')}/{str(manifest.get('checkpoint_fingerprint', ''))[:12]}",
+        tags = {"version": f"v{manifest.get('version', 1)}/{manifest.get('built_at', '')}/"
+                           f"{str(manifest.get('checkpoint_fingerprint', ''))[:12]}",
                 "kind": (manifest.get("ann") or {}).get("kind", "exact")}
         if self._version and self._version != tags:
-            self._images.set(0, tags=self._version)
-        self._images.set(images, tags=tags)
+            self._gauges[tuple(sorted(self._version.items()))] = 0
+        self._gauges.pop(tuple(sorted(tags.items())), None)
+        self._gauges[tuple(sorted(tags.items()))] = images  # last: the newest
+        while len(self._gauges) > 8:  # the oldest versions' zeros go
+            self._gauges.pop(next(iter(self._gauges)))
         self._version = tags
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Set the index gauges again (the replica's health check calls it): Ray's metrics agent
+        drops a gauge series that has not been set for two export intervals."""
+        for tags, value in self._gauges.items():
+            self._images.set(value, tags=dict(tags))
+
+    def index_load_failed(self) -> None:
+        self._load_failures.inc()
 
     def reranked(self, candidates: int) -> None:
         if candidates:
