@@ -144,6 +144,11 @@ def test_an_approximate_index_round_trips_with_mapped_fp16_vectors(tmp_path, dat
         "images.ann", "images.f16.npy", "images.parquet", "manifest.json"]  # no float32 copy
     loaded = load_index(str(tmp_path / "ix"))
     assert isinstance(loaded.image_emb, np.memmap) and loaded.image_emb.dtype == np.float16
+    import faiss
+
+    # the IVF lists view the mapped file: none of them owns its codes
+    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(loaded.ann.index).invlists)
+    assert lists.nlist == 16 and not any(lists.codes.at(i).is_owned for i in range(lists.nlist))
     assert loaded.ann.params == params
     mask = loaded.search_mask("images", {"label": "b"})
     (scores, rows), (_, any_rows) = loaded.ann.search(queries[:2], [5, 5], [mask, None])

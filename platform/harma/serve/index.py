@@ -270,14 +270,14 @@ def load_index(uri: str) -> EmbeddingIndex:
     if _ann_kind(manifest) == "exact":
         image_emb = np.load(io.BytesIO(storage.read_bytes(storage.join(uri, "images.npy"))), allow_pickle=False)
     else:
-        from harma.index.ann import AnnParams, AnnSearcher, ann_from_bytes
+        from harma.index.ann import AnnParams, AnnSearcher, mapped_ann
         from harma.index.cache import local_file
 
         # one cache entry a version: versions of one index share checkpoint and may share a second
         where = hashlib.sha256(str(uri).encode()).hexdigest()[:8]
         key = f"{manifest['checkpoint_fingerprint'][:16]}-{manifest.get('built_at', '')}-v{manifest.get('version', 1)}-{where}"
         image_emb = np.load(local_file(uri, "images.f16.npy", key), mmap_mode="r", allow_pickle=False)
-        ann = AnnSearcher(ann_from_bytes(storage.read_bytes(storage.join(uri, "images.ann"))), image_emb,
+        ann = AnnSearcher(mapped_ann(local_file(uri, "images.ann", key), manifest["ann"]["kind"]), image_emb,
                           AnnParams.from_manifest(manifest["ann"]))
     images = storage.read_table(storage.join(uri, "images.parquet")).to_pydict()
     images.pop("bbox", None)  # GeoParquet's covering column: derived from the geometry
