@@ -159,10 +159,12 @@ def _parent(uri: str) -> tuple[str, EmbeddingIndex, Any]:
     fingerprint = checkpoint_fingerprint(index.manifest["checkpoint_uri"])
     check_index_matches(index.manifest, index.manifest["checkpoint_uri"], fingerprint)
     faiss_index = None
-    if index.ann is not None:
-        from harma.index.ann import ann_from_bytes
+    if index.ann is not None:  # a copy to change: the served one maps its file read-only
+        import faiss
 
-        faiss_index = ann_from_bytes(storage.read_bytes(storage.join(uri, "images.ann")))
+        from harma.serve.index import index_file
+
+        faiss_index = faiss.read_index(index_file(uri, index.manifest, "images.ann"))  # the file load_index fetched
     return uri, index, faiss_index
 
 

@@ -505,9 +505,9 @@ def build_index(cfg: IndexConfig, progress=log.info) -> dict[str, Any]:
         "precision": precision_record(cfg, corpus.image_emb, corpus.caption_emb, corpus.captions, corpus.meta,
                                       progress),
     }
-    slices = _shard_plan(cfg, corpus.image_emb)
+    kind, slices = _shard_plan(cfg, corpus.image_emb)
     if len(slices) > 1:
-        _write_shards(cfg, manifest, corpus, slices, progress)
+        _write_shards(cfg, manifest, corpus, kind, slices, progress)
     else:
         ann_index = _approximate(cfg, corpus.image_emb, manifest, progress)
         save_index(cfg.output_uri, EmbeddingIndex(manifest, corpus.image_emb, corpus.meta, corpus.caption_emb,
@@ -517,32 +517,30 @@ def build_index(cfg: IndexConfig, progress=log.info) -> dict[str, Any]:
     return manifest
 
 
-def _shard_plan(cfg: IndexConfig, image_emb: np.ndarray) -> list[tuple[int, int]]:
-    """The slices of the gallery each shard holds, from the RAM a vector costs in the kind chosen."""
+def _shard_plan(cfg: IndexConfig, image_emb: np.ndarray) -> tuple[str | None, list[tuple[int, int]]]:
+    """(ANN kind of the whole index, the slices of the gallery each shard holds, from the RAM a
+    vector costs in that kind); (None, one slice) without `max_shard_bytes`."""
     from harma.index.ann import plan_ann, ram_bytes_per_vector
     from harma.index.shards import plan_shards
 
     if cfg.max_shard_bytes is None:
-        return [(0, len(image_emb))]
+        return None, [(0, len(image_emb))]
     params = plan_ann(cfg.ann, len(image_emb), image_emb.shape[1], cfg.ann_params.memory_budget_bytes,
                       **cfg.ann_params.model_dump(exclude={"memory_budget_bytes"}))
     per_vector = ram_bytes_per_vector(params.kind, image_emb.shape[1], params.pq_m, cfg.ann_params.hnsw_m)
-    return plan_shards(len(image_emb), per_vector, cfg.max_shard_bytes)
+    return params.kind, plan_shards(len(image_emb), per_vector, cfg.max_shard_bytes)
 
 
-def _write_shards(cfg: IndexConfig, manifest: dict, corpus: EmbeddedCorpus, slices: list[tuple[int, int]],
-                  progress) -> None:
+def _write_shards(cfg: IndexConfig, manifest: dict, corpus: EmbeddedCorpus, kind: str,
+                  slices: list[tuple[int, int]], progress) -> None:
     """Each slice of the gallery (with its images' captions) as a whole index under shards/NNNNN/, of
     the ANN kind the whole index would have (each with its own cells), then the root manifest."""
     import json
 
-    from harma.index.ann import plan_ann
     from harma.index.shards import shard_name
     from harma.index.update import Rows, kept
     from harma.serve.index import MANIFEST
 
-    kind = plan_ann(cfg.ann, len(corpus.image_emb), corpus.image_emb.shape[1], cfg.ann_params.memory_budget_bytes,
-                    **cfg.ann_params.model_dump(exclude={"memory_budget_bytes"})).kind
     rows = Rows(corpus.image_emb, corpus.meta, corpus.caption_emb, corpus.captions)
     listed = []
     for position, (first, end) in enumerate(slices):

@@ -261,6 +261,17 @@ def read_manifest(uri: str) -> dict[str, Any]:
     return json.loads(storage.read_bytes(path))
 
 
+def index_file(uri: str, manifest: dict[str, Any], name: str) -> str:
+    """A local path of file `name` of the index at `uri`: the file itself, or the node's cached copy
+    of an s3:// index's (harma.index.cache; one entry a version: versions of one index share their
+    checkpoint and may share a build second)."""
+    from harma.index.cache import local_file
+
+    where = hashlib.sha256(str(uri).encode()).hexdigest()[:8]
+    key = f"{manifest['checkpoint_fingerprint'][:16]}-{manifest.get('built_at', '')}-v{manifest.get('version', 1)}-{where}"
+    return local_file(uri, name, key)
+
+
 def load_index(uri: str) -> EmbeddingIndex:
     manifest = read_manifest(uri)
     if manifest.get("shards"):
@@ -271,13 +282,9 @@ def load_index(uri: str) -> EmbeddingIndex:
         image_emb = np.load(io.BytesIO(storage.read_bytes(storage.join(uri, "images.npy"))), allow_pickle=False)
     else:
         from harma.index.ann import AnnParams, AnnSearcher, mapped_ann
-        from harma.index.cache import local_file
 
-        # one cache entry a version: versions of one index share checkpoint and may share a second
-        where = hashlib.sha256(str(uri).encode()).hexdigest()[:8]
-        key = f"{manifest['checkpoint_fingerprint'][:16]}-{manifest.get('built_at', '')}-v{manifest.get('version', 1)}-{where}"
-        image_emb = np.load(local_file(uri, "images.f16.npy", key), mmap_mode="r", allow_pickle=False)
-        ann = AnnSearcher(mapped_ann(local_file(uri, "images.ann", key), manifest["ann"]["kind"]), image_emb,
+        image_emb = np.load(index_file(uri, manifest, "images.f16.npy"), mmap_mode="r", allow_pickle=False)
+        ann = AnnSearcher(mapped_ann(index_file(uri, manifest, "images.ann"), manifest["ann"]["kind"]), image_emb,
                           AnnParams.from_manifest(manifest["ann"]))
     images = storage.read_table(storage.join(uri, "images.parquet")).to_pydict()
     images.pop("bbox", None)  # GeoParquet's covering column: derived from the geometry

@@ -43,8 +43,7 @@ class ReplicaMetrics:
                                  description="Candidates an approximate index re-scored exactly")
         self._load_failures = Counter("harma_index_load_failures",
                                       description="Index versions the replica failed to load (it kept serving the old)")
-        self._version: dict[str, str] | None = None
-        self._gauges: dict[tuple, float] = {}  # index gauge tags -> value, set again by `refresh`
+        self._gauges: dict[tuple, float] = {}  # index gauge tags -> value, oldest first; set again by `refresh`
 
     def request(self, endpoint: str, status: int, seconds: float) -> None:
         tags = {"endpoint": endpoint, "status": str(status)}
@@ -61,13 +60,14 @@ class ReplicaMetrics:
         tags = {"version": f"v{manifest.get('version', 1)}/{manifest.get('built_at', '')}/"
                            f"{str(manifest.get('checkpoint_fingerprint', ''))[:12]}",
                 "kind": (manifest.get("ann") or {}).get("kind", "exact")}
-        if self._version and self._version != tags:
-            self._gauges[tuple(sorted(self._version.items()))] = 0
-        self._gauges.pop(tuple(sorted(tags.items())), None)
-        self._gauges[tuple(sorted(tags.items()))] = images  # last: the newest
+        key = tuple(sorted(tags.items()))
+        previous = next(reversed(self._gauges), None)  # the newest key is the version served
+        if previous is not None and previous != key:
+            self._gauges[previous] = 0
+        self._gauges.pop(key, None)
+        self._gauges[key] = images  # last: the newest
         while len(self._gauges) > 8:  # the oldest versions' zeros go
             self._gauges.pop(next(iter(self._gauges)))
-        self._version = tags
         self.refresh()
 
     def refresh(self) -> None:

@@ -59,10 +59,6 @@ class IndexShard:
     async def thumbnail(self, item_id: str) -> bytes | None:
         return self.state.index.thumbnail(item_id)
 
-    def info(self) -> dict[str, Any]:
-        return {"index_uri": self.state.uri, "images": self.state.index.size,
-                "captions": self.state.index.caption_count}
-
     def check_health(self) -> None:
         if not self.state.index.size:
             raise RuntimeError("no index loaded")
