@@ -252,3 +252,17 @@ def test_an_added_version_embeds_as_its_parent_did(tmp_path):
     assert (cfg.splits, cfg.actors, cfg.captions, cfg.corpus_uri) == (["train", "test"], 2, True, "/corpus")
     with pytest.raises(ValueError, match="cannot change precision, thumbnail_size"):
         add_config(manifest, "/out", {"precision": "fp32", "thumbnail_size": 0})
+
+
+def test_a_sharded_index_is_refused_by_updates_and_by_a_whole_index_load(tmp_path):
+    ckpt, fp = _checkpoint(tmp_path)
+    root = tmp_path / "sharded"
+    root.mkdir()
+    manifest = _manifest(ckpt, fp, 6, 0, shards=[{"uri": "shards/00000", "images": 3, "captions": 0, "first_row": 0},
+                                                 {"uri": "shards/00001", "images": 3, "captions": 0, "first_row": 3}])
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="is a sharded index: harma index add and delete update an index of one"):
+        delete_from_index(str(root), ["img/0.png"])
+    with pytest.raises(ValueError, match="is an index of 2 shards"):
+        load_index(str(root))
+    assert not (root / "versions").exists()
