@@ -36,7 +36,7 @@ QUERIES = ("three storage tanks next to a river", "a red building on farmland", 
 def write_sharded(ckpt: str, index_uri: str, out: str, shards: int) -> dict:
     """The index at `index_uri` written again as `shards` shards (as the build does past max_shard_bytes)."""
     from harma.config import IndexConfig
-    from harma.serve.build import EmbeddedCorpus, _shard_plan, _write_shards
+    from harma.serve.build import EmbeddedCorpus, _approximate, _shard_plan, _write_shards
     from harma.serve.index import load_index
 
     index = load_index(index_uri)
@@ -45,8 +45,9 @@ def write_sharded(ckpt: str, index_uri: str, out: str, shards: int) -> dict:
                       max_shard_bytes=int(np.ceil(n / shards)) * 4 * dim)
     manifest = dict(index.manifest)
     corpus = EmbeddedCorpus(index.image_emb, index.images, None, None, [], [])
-    kind, slices = _shard_plan(cfg, index.image_emb)
-    _write_shards(cfg, manifest, corpus, kind, slices, lambda _: None)
+    slices = _shard_plan(cfg, corpus)
+    parts = _approximate(cfg, corpus, slices, manifest, lambda _: None)
+    _write_shards(cfg, manifest, corpus, slices, parts, lambda _: None)
     return manifest
 
 

@@ -9,10 +9,14 @@ space (free space / volume size, 1 GiB volumes on a big disk), every bucket take
 and on a CI machine with a few GiB free the session's seventh bucket failed every write with
 "No writable volumes and no free volumes left" (S3: INTERNAL_FAILURE). Volumes are not preallocated,
 so the fixed count costs no disk.
+
+Two identities (`-s3.config`): the admin the tests use (`access_key`), and a reader allowed only to
+list and read bucket READER_BUCKET (`reader_env()`), so a test can meet a forbidden object (403).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -25,6 +29,8 @@ from pathlib import Path
 
 VOLUME_SLOTS = 100  # volumes the store may create: one per bucket and more for big ones
 VOLUME_SIZE_MB = 64  # the smallest size `weed mini` would pick itself; tests store little
+READER_BUCKET = "readable"  # the one bucket the reader identity may list and read
+READER_KEYS = ("harma-reader", "harma-reader-secret")
 
 
 def _free_port(low: int = 20000, high: int = 50000) -> int:
@@ -66,6 +72,10 @@ class S3Server:
             "AWS_EC2_METADATA_DISABLED": "true",
         }
 
+    def reader_env(self) -> dict[str, str]:
+        """The environment of a client allowed only to list and read bucket READER_BUCKET."""
+        return {**self.env(), "AWS_ACCESS_KEY_ID": READER_KEYS[0], "AWS_SECRET_ACCESS_KEY": READER_KEYS[1]}
+
     def create_bucket(self, name: str) -> None:
         import boto3
 
@@ -102,10 +112,17 @@ def start_s3_server(root: Path, timeout: float = 30.0) -> S3Server:
         "-master.telemetry=false", f"-filer.localSocket={root / 'filer.sock'}",
         f"-s3.localSocket={root / 's3.sock'}",
         f"-volume.max={VOLUME_SLOTS}", f"-master.volumeSizeLimitMB={VOLUME_SIZE_MB}",
+        f"-s3.config={root / 's3.json'}",
     ]
     (root / "data").mkdir(exist_ok=True)
+    identities = [
+        {"name": "admin", "credentials": [{"accessKey": S3Server.access_key, "secretKey": S3Server.secret_key}],
+         "actions": ["Admin", "Read", "List", "Tagging", "Write"]},
+        {"name": "reader", "credentials": [{"accessKey": READER_KEYS[0], "secretKey": READER_KEYS[1]}],
+         "actions": [f"Read:{READER_BUCKET}", f"List:{READER_BUCKET}"]}]
+    (root / "s3.json").write_text(json.dumps({"identities": identities}))
     log = open(root / "weed.log", "wb")
-    # With these set, `weed mini` creates this identity and enforces signatures: wrong keys fail.
+    # Signatures are enforced: wrong keys fail.
     env = {**os.environ, "TMPDIR": str(root / "tmp"), "AWS_ACCESS_KEY_ID": S3Server.access_key,
            "AWS_SECRET_ACCESS_KEY": S3Server.secret_key}
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root,

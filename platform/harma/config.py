@@ -343,12 +343,15 @@ class AnnConfig(_Section):
     memory_budget_bytes: int = Field(
         8 << 30, ge=1, description="RAM a replica may give the vectors: `auto` scans exactly only while "
         "float32 vectors fit, and refuses an ivf_pq index whose codes do not.")
-    nlist: int = Field(0, ge=0, description="IVF cells (0: the power of two nearest sqrt(N)).")
-    nprobe: int = Field(0, ge=0, description="IVF cells a query scans (0: max(8, nlist / 32)).")
+    nlist: int = Field(0, ge=0, description="IVF cells (0: the power of two nearest 2 sqrt(N)).")
+    nprobe: int = Field(0, ge=0, description="IVF cells a query scans (0: max(8, nlist / 256)).")
     pq_m: int = Field(0, ge=0, description="ivf_pq bytes a vector (0: embedding size / 8).")
     hnsw_m: int = Field(32, ge=4, description="hnsw links a vector.")
     ef_search: int = Field(0, ge=0, description="hnsw candidate list a query (0: 256).")
     rerank: int = Field(50, ge=1, description="Candidates re-scored exactly from the fp16 vectors: rerank x k.")
+    train_rows: int = Field(
+        0, ge=0, description="IVF: vectors the cells are trained on (0: 64 a cell, at most 262,144), a sample "
+        "of the corpus streamed through the embedding actors before the whole is embedded.")
 
 
 class GeoIndexConfig(_Section):

@@ -97,10 +97,13 @@ def test_a_scene_index_from_s3_opens_in_geopandas_with_every_tile_footprinted(sc
 
 @pytest.mark.ray
 def test_new_scenes_are_added_to_a_scene_index_on_s3_without_embedding_the_old_ones(archive, scene_index):
-    """An index of two scenes, then `harma index add` from the STAC file of all three: only the
-    third scene's tiles are embedded (as the full build embedded them), the overviews of all three
-    are in the new version, and `harma index versions` lists both on S3."""
+    """An IVF index of two scenes (its cells trained on a sample of their tiles streamed through the
+    embedding actors, which then encode every tile), then `harma index add` from the STAC file of
+    all three: only the third scene's tiles are embedded (as the full build embedded them) and
+    encoded by the actors under the parent's cells, the overviews of all three are in the new
+    version, and `harma index versions` lists both on S3."""
     from harma import storage
+    from harma.index.ann import ann_from_bytes
     from harma.index.versions import list_versions, version_uri
     from harma.serve.index import load_index
 
@@ -110,16 +113,26 @@ def test_new_scenes_are_added_to_a_scene_index_on_s3_without_embedding_the_old_o
     root = f"{ROOT}/index-two"
     assert main(["index", "build", "--config", str(REPO / "jobs" / "index_scenes.yaml"),
                  f"index.checkpoint_uri={archive['ckpt']}", f"index.corpus_uri={ROOT}/scenes/stac/two.json",
-                 "index.geo.tile_size=192", "index.geo.tile_stride=96", f"index.output_uri={root}"]) == 0
+                 "index.geo.tile_size=192", "index.geo.tile_stride=96", f"index.output_uri={root}",
+                 "index.ann=ivf_flat", "index.ann_params.nlist=2", "index.ann_params.train_rows=16"]) == 0
     assert main(["index", "add", "--index", root, "--corpus", f"{ROOT}/scenes/stac/items.json"]) == 0
     v1, v2, full = load_index(root), load_index(version_uri(root, 2)), load_index(f"{ROOT}/index")
+    ann = v1.manifest["ann"]
+    assert (ann["kind"], ann["trained_on"], ann["encoded_by"]) == ("ivf_flat", "streamed sample", "embedding actors")
+    assert ann["planned_for"] >= v1.size > ann["sample_rows"] >= 2  # tiles counted from the headers; a sample
+    for uri, index in ((root, v1), (version_uri(root, 2), v2)):  # row i of FAISS's lists is tile i's vector
+        faiss_index = ann_from_bytes(storage.read_bytes(storage.join(uri, "images.ann")))
+        faiss_index.make_direct_map()
+        np.testing.assert_allclose(faiss_index.reconstruct_n(0, index.size), np.asarray(index.image_emb, np.float32),
+                                   atol=1e-3)
     third = items["features"][2]["id"]
     assert third not in v1.images["scene"] and v2.manifest["change"]["added"] == v2.images["scene"].count(third)
     assert v2.images["scene"].count(third) == full.images["scene"].count(third) > 0
     assert v2.size == full.size and v2.manifest["geo"]["scenes"] == 3
     np.testing.assert_array_equal(v2.image_emb[:v1.size], v1.image_emb)
     for row in range(v1.size, v2.size):
-        np.testing.assert_allclose(v2.image_emb[row], full.image_emb[full.row_of[v2.images["id"][row]]], atol=1e-5)
+        np.testing.assert_allclose(v2.image_emb[row], full.image_emb[full.row_of[v2.images["id"][row]]],
+                                   atol=1e-3)  # stored as fp16 in an IVF index: 2^-11 at most
     listed = v2.manifest["geo"]["scene_list"]
     assert [s["scene"] for s in listed] == [f["id"] for f in items["features"][:3]]  # (then the bad ones)
     for position, scene in enumerate(listed):  # each overview in the version, as the full build made it

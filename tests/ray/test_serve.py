@@ -528,29 +528,45 @@ def test_index_swap_under_load_needs_no_restart_and_drops_nothing(service, tmp_p
 
 
 def test_an_approximate_index_serves_the_exact_answers_with_its_filters(service, tmp_path):
-    """`index.ann: hnsw` over the same corpus, swapped in through user_config: the replica searches
-    FAISS and re-scores from the mapped fp16 vectors; 40 images, so every one is a candidate and the
-    answers are the exact index's (scores to fp16's precision)."""
+    """`index.ann: ivf_flat` over the same corpus: its 2 cells trained on a sample of the corpus
+    streamed through the embedding actors, every image then encoded by the actors; swapped in
+    through user_config, the replica searches FAISS and re-scores from the mapped fp16 vectors.
+    Both cells are probed, so every image is a candidate and the answers are the exact index's
+    (scores to fp16's precision)."""
+    import faiss
+
     from harma.config import IndexConfig
     from harma.serve.build import build_index
 
     url = service["url"]
-    approx = str(tmp_path / "index-hnsw")
+    approx = str(tmp_path / "index-ivf")
+    messages: list[str] = []
     manifest = build_index(IndexConfig(checkpoint_uri=service["a"], corpus_uri=service["store"],
                                        splits=["train", "val", "test"], output_uri=approx, batch_size=8,
-                                       captions=False, ann="hnsw"))
-    assert manifest["ann"]["kind"] == "hnsw" and manifest["ann"]["ef_search"] == 256
+                                       captions=False, ann="ivf_flat", ann_params={"nlist": 2, "train_rows": 12}),
+                           progress=messages.append)
+    record = manifest["ann"]
+    assert (record["kind"], record["nlist"], record["nprobe"], record["planned_for"]) == ("ivf_flat", 2, 2, 40)
+    assert record["trained_on"] == "streamed sample" and record["encoded_by"] == "embedding actors"
+    # a Bernoulli draw of 1.25 x 12 of the 40 images: 15 expected (sd 3); all 40 would be no sample
+    assert 2 <= record["sample_rows"] < 40 and record["trained_rows"] == min(12, record["sample_rows"])
+    assert any("sample streamed through the embedding actors" in m for m in messages)
+    assert any("(codes from the embedding actors)" in m for m in messages)
+    written = faiss.read_index(str(tmp_path / "index-ivf" / "images.ann"))
+    written.make_direct_map()
+    stored = np.load(tmp_path / "index-ivf" / "images.f16.npy").astype(np.float32)
+    np.testing.assert_allclose(written.reconstruct_n(0, 40), stored, atol=1e-3)  # row i's code is image i's
     queries = [{"text": "three storage tanks next to a river", "k": 5},
                {"text": "a river", "k": 50, "filters": {"split": "test"}}]
     exact = [requests.post(url + "v1/text-to-images", json=q, timeout=30).json()["results"] for q in queries]
-    swap = _harma_serve(_serve_config(tmp_path / "hnsw.yaml", service["port"], service["a"], service["index_all"],
+    swap = _harma_serve(_serve_config(tmp_path / "ivf.yaml", service["port"], service["a"], service["index_all"],
                                       user_index=approx))
     deadline = time.time() + 60
     while time.time() < deadline and requests.get(url + "v1/info", timeout=30).json()["index_uri"] != approx:
         time.sleep(0.5)
     _stop(swap)
     info = requests.get(url + "v1/info", timeout=30).json()
-    assert info["index"]["ann"]["kind"] == "hnsw"
+    assert info["index"]["ann"]["kind"] == "ivf_flat"
     answers = [requests.post(url + "v1/text-to-images", json=q, timeout=30).json()["results"] for q in queries]
     back = _harma_serve(_serve_config(tmp_path / "back.yaml", service["port"], service["a"], service["index_all"],
                                       user_index=service["index_all"]))
@@ -631,6 +647,18 @@ def test_an_index_of_three_shards_answers_over_http_as_the_unsharded_one(service
         info = requests.get(sharded + "v1/info", timeout=30).json()
         assert info["index"]["images"] == 40 and info["index"]["captions"] == full.caption_count
         assert info["index"]["shards"] == 3
+        # A user_config swap to another index (here the unsharded one) is refused by the ingress,
+        # which keeps serving its shards and says why (the same reconfigure Serve calls).
+        handle = ray.serve.get_app_handle("sharded")
+        handle._init(_run_router_in_separate_loop=True)  # this process has no event loop of its own
+        handle.reconfigure.remote({"index_uri": service["index_all"]}).result()
+        info = requests.get(sharded + "v1/info", timeout=30).json()
+        assert info["index_error"]["index_uri"] == service["index_all"]
+        assert f"this application serves the 3 shards of {root}; another index is served by deploying" in \
+            info["index_error"]["message"]
+        assert info["index"]["shards"] == 3 and info["index_uri"] == root
+        want, got = both("v1/text-to-images", json={"text": "a river", "k": 4})
+        assert [h["id"] for h in got["results"]] == [h["id"] for h in want["results"]]
     finally:
         ray.serve.delete("sharded")
 
@@ -683,8 +711,8 @@ def test_replicas_export_their_metrics_on_rays_metrics_endpoint(service):
     assert any(n == "ray_harma_queue_depth" for n, _ in samples)
     if SERVED_ANN:  # the approximate index served above: its re-ranking counted, its gauge by kind
         assert _total(samples, "ray_harma_ann_candidates_reranked_total") >= 40
-        hnsw = [v for (n, items), v in samples.items() if n == "ray_harma_index_images" and ("kind", "hnsw") in items]
-        assert hnsw and set(hnsw) <= {40.0, 0.0}
+        ivf = [v for (n, items), v in samples.items() if n == "ray_harma_index_images" and ("kind", "ivf_flat") in items]
+        assert ivf and set(ivf) <= {40.0, 0.0}
 
 
 def test_the_api_keeps_its_openapi_contract_under_a_property_based_fuzzer(service, tmp_path):

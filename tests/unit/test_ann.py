@@ -190,3 +190,42 @@ def test_the_cache_evicts_the_versions_used_longest_ago_beyond_its_bound(tmp_pat
     monkeypatch.setenv(cache.LIMIT_VAR, "10")  # smaller than one version: the new one stays
     cache.local_file("s3://b/ix", "images.f16.npy", "v4")
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["v4"]
+
+
+@pytest.mark.parametrize("kind", ["ivf_flat", "ivf_pq"])
+def test_codes_encoded_apart_and_appended_make_the_index_adding_the_vectors_makes(data, kind):
+    """The embedding actors' path: a trained, empty codec shipped as bytes encodes batches anywhere;
+    appending those codes gives the same FAISS index, byte for byte, as adding the vectors."""
+    import faiss
+
+    from harma.index.ann import append_codes, encode, filled, trained_codec
+
+    vectors = data[0][:6000]
+    params = plan_ann(kind, len(vectors), 64, 1 << 30, nlist=32, train_rows=2000)
+    assert params.train_rows == 2000
+    codec = trained_codec(vectors, params)
+    assert codec.is_trained and codec.ntotal == 0
+    added = faiss.clone_index(codec)
+    added.add(vectors)
+    shipped = ann_from_bytes(ann_to_bytes(codec))  # as an actor receives it
+    codes = np.concatenate([encode(shipped, vectors[i:i + 1000]) for i in range(0, 6000, 1000)])
+    assert codes.dtype == np.uint8 and codes.shape == (6000, codec.sa_code_size())
+    assert ann_to_bytes(filled(codec, codes)) == ann_to_bytes(added)
+    halves = append_codes(filled(codec, codes[:2500]), codes[2500:])  # `harma index add`: onto a filled index
+    assert ann_to_bytes(halves) == ann_to_bytes(added)
+    assert codec.ntotal == 0  # `filled` copies the codec
+    assert encode(codec, vectors[:0]).shape == (0, codec.sa_code_size())
+
+
+def test_a_codec_is_trained_on_at_most_its_train_rows_and_refuses_a_sample_smaller_than_its_cells(data):
+    from harma.index.ann import trained_codec
+
+    vectors = data[0]
+    params = plan_ann("ivf_flat", 20_000, 64, 1 << 30, nlist=16, train_rows=800)
+    messages = []
+    trained_codec(vectors, params, progress=messages.append)
+    assert "trained 16 cells on 800 vectors" in messages[0]
+    with pytest.raises(ValueError, match="10 sample vectors cannot train 16 cells"):
+        trained_codec(vectors[:10], params)
+    with pytest.raises(ValueError, match="a hnsw index has no trained codec"):
+        trained_codec(vectors, plan_ann("hnsw", 100, 64, 1))

@@ -61,3 +61,33 @@ def test_serve_refuses_a_missing_index_before_any_cluster(tmp_path, capsys, no_c
     assert main(["serve", str(REPO / "serve_configs" / "local.yaml"), f"args.checkpoint_uri={tmp_path / 'ckpt'}",
                  f"args.index_uri={index}"]) == 2
     assert f"{index}: no index here" in capsys.readouterr().err
+
+
+def test_serve_checks_a_user_config_index_against_the_checkpoint_before_any_cluster(
+        tmp_path, capsys, no_cluster, tiny_model_config):
+    """An index a deployment's user_config swaps in is checked like args.index_uri: one built by
+    another checkpoint is refused, naming it, before `serve run` starts anything."""
+    import json
+
+    from harma.config import PlatformConfig
+    from harma.model.checkpoint import save_checkpoint
+    from harma.model.harma import build_model
+    from harma.serve.index import FORMAT, MANIFEST, checkpoint_fingerprint
+
+    cfg = PlatformConfig(model=tiny_model_config)
+    ckpt = str(tmp_path / "ckpt")
+    save_checkpoint(ckpt, build_model(cfg.model), cfg, {})
+    fp = checkpoint_fingerprint(ckpt)
+    for name, fingerprint in (("good", fp["fingerprint"]), ("other", "0" * 64)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / MANIFEST).write_text(json.dumps({
+            "format": FORMAT, "checkpoint_uri": "runs/elsewhere/best", "checkpoint_fingerprint": fingerprint,
+            "config_sha256": fp["config_sha256"]}))
+    raw = yaml.safe_load((REPO / "serve_configs" / "local.yaml").read_text())
+    raw["applications"][0]["deployments"][0]["user_config"] = {"index_uri": str(tmp_path / "other")}
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(raw))
+    argv = ["serve", str(tmp_path / "serve.yaml"), f"args.checkpoint_uri={ckpt}", f"args.index_uri={tmp_path / 'good'}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert (f"the index was built with checkpoint 'runs/elsewhere/best', not with '{ckpt}' (its adapter weights "
+            f"differ)") in err

@@ -175,3 +175,76 @@ def test_captioned_cells_become_training_shards_with_a_scene_held_out_for_test(a
     assert np.array_equal(png.transpose(2, 0, 1), drawn)
     with pytest.raises(ValueError, match="keep at least one"):
         prepare_scenes(archive, str(tmp_path / "x"), test_scenes=2)
+
+
+def test_a_tile_sample_keeps_a_seeded_share_of_each_units_windows_before_any_read():
+    """harma.geo.corpus.sample_windows (the streamed sample an IVF index is trained on): the same
+    windows on every call, about `fraction` of them, units left empty dropped, error units kept."""
+    import json
+
+    from harma.geo.corpus import sample_windows
+
+    windows = [[[x, y, 64, 64] for x in range(0, 6400, 64)] for y in range(0, 1280, 64)]  # 20 units of 100
+    batch = {"scene": np.array([f"s{i % 3}" for i in range(20)] + ["bad"], dtype=object),
+             "windows": np.array([json.dumps(w) for w in windows] + ["[]"], dtype=object),
+             "error": np.array([""] * 20 + ["read failed: x"], dtype=object),
+             "uri": np.array([f"u{i}" for i in range(21)], dtype=object)}
+    half = sample_windows(batch, 0.5)
+    again = sample_windows(batch, 0.5)
+    kept = [json.loads(w) for w in half["windows"][:-1]]
+    assert list(half["windows"]) == list(again["windows"])
+    assert 900 <= sum(map(len, kept)) <= 1100  # 2,000 windows, each kept with p = 0.5 (sd 22)
+    assert all(set(map(tuple, k)) <= set(map(tuple, w)) for k, w in zip(kept, windows, strict=True))
+    assert half["uri"][-1] == "u20" and half["error"][-1] == "read failed: x"  # the scene's error still reported
+    none = sample_windows(batch, 0.0)
+    assert list(none["uri"]) == ["u20"]
+    assert sum(len(json.loads(w)) for w in sample_windows(batch, 1.0)["windows"]) == 2000
+    assert list(sample_windows(batch, 0.5, seed=1)["windows"]) != list(half["windows"])
+
+
+def test_a_forbidden_s3_scene_is_a_bad_scene_with_its_reason_beside_one_that_reads(archive, s3_server, monkeypatch):
+    """Bad input: an S3 object the credentials may not read (403) is one unit carrying the store's
+    reason, which the build lists in the manifest's `skipped` and counts against max_bad_fraction;
+    a readable scene in the same batch plans and reads. A prefix that cannot be listed is refused."""
+    import boto3
+
+    from s3server import READER_BUCKET
+
+    admin = boto3.client("s3", endpoint_url=s3_server.endpoint, aws_access_key_id=s3_server.access_key,
+                         aws_secret_access_key=s3_server.secret_key, region_name="us-east-1")
+    for bucket in (READER_BUCKET, "forbidden-scenes"):
+        s3_server.create_bucket(bucket)
+    files = _scene_files(archive)
+    admin.upload_file(files[0]["uri"], READER_BUCKET, "scenes/a.tif")
+    admin.upload_file(files[1]["uri"], "forbidden-scenes", "scenes/b.tif")
+    for key, value in s3_server.reader_env().items():
+        monkeypatch.setenv(key, value)
+    batch = _batch([{"uri": f"s3://{READER_BUCKET}/scenes/a.tif", "scene": "a", "datetime": ""},
+                    {"uri": "s3://forbidden-scenes/scenes/b.tif", "scene": "b", "datetime": ""}])
+    units = list(plan_scene(batch, GEO, 128))
+    bad = [u for u in units if u["error"][0]]
+    good = [u for u in units if not u["error"][0]]
+    assert [str(u["scene"][0]) for u in bad] == ["b"]
+    reason = str(bad[0]["error"][0])
+    assert reason == "cannot open: Access Denied."
+    assert good and {str(u["scene"][0]) for u in good} == {"a"}
+    tiles = list(read_unit(good[0], GEO, 128))
+    assert tiles and all(s in ("ok", "nodata") for t in tiles for s in t["status"])
+    [failed] = list(read_unit(bad[0], GEO, 128))
+    assert failed["status"][0] == f"error: {reason}" and failed["source"][0] == "s3://forbidden-scenes/scenes/b.tif"
+    assert [s["uri"] for s in list_scenes(f"s3://{READER_BUCKET}/scenes/")[0]] == [f"s3://{READER_BUCKET}/scenes/a.tif"]
+    from harma.storage import StorageError
+
+    with pytest.raises(StorageError, match=r"s3://forbidden-scenes/scenes/: cannot list .*ACCESS_DENIED"):
+        list_scenes("s3://forbidden-scenes/scenes/")
+
+
+def test_tiles_are_counted_from_the_headers_and_an_unreadable_scene_counts_none(archive, tmp_path):
+    """What an IVF index is planned for before embedding (harma.geo.corpus._tiles_of, one counting
+    task's work): a 512-pixel scene in 128-pixel tiles at a 64-pixel stride is 7 x 7 windows."""
+    from harma.geo.corpus import _tiles_of
+
+    scenes = _scene_files(archive)
+    assert _tiles_of(scenes, GEO, 128) == 2 * 7 * 7
+    assert _tiles_of(scenes + [{"uri": str(tmp_path / "missing.tif"), "scene": "missing", "datetime": None}],
+                     {**GEO, "tile_stride": 128}, 128) == 2 * 4 * 4

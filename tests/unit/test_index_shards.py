@@ -113,3 +113,47 @@ def test_three_shards_of_a_scene_index_suppress_overlaps_as_the_whole_does():
     for w, g in zip(want, got, strict=True):
         assert [h["id"] for h in g] == [h["id"] for h in w]
     assert len(got[0]) == 5 and got[0] != _answers(whole, "images", emb, jobs, suppress=False)[0][:5]
+
+
+def test_an_ivf_index_is_made_from_the_actors_codes_and_its_shards_share_one_codec():
+    """harma.serve.build._approximate without Ray: an embedded corpus with the actors' codes gives
+    the index its codec makes from the vectors; without codes (a corpus too small for a sample
+    pass) the driver trains and encodes; shards are slices of the one index (the same cells)."""
+    import faiss
+
+    from harma.config import IndexConfig
+    from harma.index.ann import ann_to_bytes, encode, plan_ann, trained_codec
+    from harma.serve.build import EmbeddedCorpus, _approximate
+
+    vectors = _unit(3000, 32, 5)
+    meta = {"id": [str(i) for i in range(3000)]}
+    cfg = IndexConfig(checkpoint_uri="c", corpus_uri="x", output_uri="o", ann="ivf_pq",
+                      ann_params={"nlist": 8, "pq_m": 8, "train_rows": 500})
+    params = plan_ann("ivf_pq", 3000, 32, 1 << 30, nlist=8, pq_m=8, train_rows=500)
+    codec = trained_codec(vectors[:1000], params)
+    record = {**params.to_manifest(), "trained_on": "streamed sample", "sample_rows": 1000,
+              "encoded_by": "embedding actors"}
+    with_codes = EmbeddedCorpus(vectors, meta, None, None, [], [], codes=encode(codec, vectors), codec=codec,
+                                ann=record)
+    manifest: dict = {}
+    [whole] = _approximate(cfg, with_codes, [(0, 3000)], manifest, lambda _: None)
+    reference = faiss.clone_index(codec)
+    reference.add(vectors)
+    assert ann_to_bytes(whole) == ann_to_bytes(reference)
+    assert manifest["ann"]["trained_on"] == "streamed sample" and manifest["ann"]["encoded_by"] == "embedding actors"
+    assert (manifest["ann"]["kind"], manifest["ann"]["nlist"], manifest["ann"]["pq_m"]) == ("ivf_pq", 8, 8)
+
+    parts = _approximate(cfg, with_codes, [(0, 1000), (1000, 3000)], {}, lambda _: None)
+    assert [p.ntotal for p in parts] == [1000, 2000]
+    centroids = [faiss.rev_swig_ptr(faiss.downcast_index(faiss.extract_index_ivf(p).quantizer).get_xb(), 8 * 32)
+                 for p in parts]
+    np.testing.assert_array_equal(centroids[0], centroids[1])  # one codec: the same cells in every shard
+    second = faiss.clone_index(codec)
+    second.add(vectors[1000:])
+    assert ann_to_bytes(parts[1]) == ann_to_bytes(second)
+
+    manifest = {}
+    without = EmbeddedCorpus(vectors, meta, None, None, [], [])
+    [driver] = _approximate(cfg, without, [(0, 3000)], manifest, lambda _: None)
+    assert driver.ntotal == 3000 and manifest["ann"]["trained_on"] == "embedded corpus"
+    assert manifest["ann"]["encoded_by"] == "driver" and manifest["ann"]["trained_rows"] == 500

@@ -105,6 +105,27 @@ def test_vectors_added_to_a_trained_ivf_index_land_as_a_fresh_fill_of_the_same_c
     np.testing.assert_allclose(d1, d2, rtol=1e-6)
 
 
+def test_an_add_encodes_under_the_parents_emptied_cells_and_appends_as_adding_the_vectors_would():
+    """`harma index add` of an IVF index: the embedding actors get `_codec_of(parent)` (the parent's
+    trained cells, no vectors) and the driver appends their codes; an exact or HNSW parent has none."""
+    import faiss
+
+    from harma.index.ann import ann_to_bytes, append_codes, encode
+    from harma.index.update import _codec_of
+
+    vectors, _ = clip_like_vectors(3000, 32, seed=4)
+    params = _ivf_flat(2000)
+    parent = build_ann(vectors[:2000], params)
+    codec = _codec_of(parent, {"ann": params.to_manifest()})
+    assert codec.ntotal == 0 and parent.ntotal == 2000 and codec.is_trained
+    twin = faiss.clone_index(parent)
+    by_actors = append_codes(parent, encode(faiss.deserialize_index(faiss.serialize_index(codec)), vectors[2000:]))
+    assert ann_to_bytes(by_actors) == ann_to_bytes(added_ann(twin, vectors[2000:]))
+    assert _codec_of(None, {}) is None
+    hnsw = build_ann(vectors[:100], AnnParams(kind="hnsw", hnsw_m=8, ef_search=16))
+    assert _codec_of(hnsw, {"ann": {"kind": "hnsw"}}) is None
+
+
 @pytest.mark.parametrize("kind", ["ivf_pq", "ivf_flat", "hnsw"])
 def test_a_kept_ann_index_finds_the_kept_vectors_under_their_new_rows(kind):
     vectors, queries = clip_like_vectors(2000, 32, queries=10, seed=4)

@@ -178,13 +178,60 @@ def _tile_rows(rows: list[dict]) -> dict[str, np.ndarray]:
     return out
 
 
-def tile_dataset(scenes: list[dict], geo: dict, image_size: int):
-    """Ray Data stream of the scenes' tiles (`read_unit` rows), spread over the cluster."""
+def _scene_units(scenes: list[dict], geo: dict, image_size: int):
     import ray
 
     ds = ray.data.from_items(scenes, override_num_blocks=max(1, len(scenes)))
-    units = ds.map_batches(plan_scene, fn_kwargs={"geo": geo, "image_size": image_size}, batch_size=1,
-                           batch_format="numpy", num_cpus=HEADER_CPUS)
+    return ds.map_batches(plan_scene, fn_kwargs={"geo": geo, "image_size": image_size}, batch_size=1,
+                          batch_format="numpy", num_cpus=HEADER_CPUS)
+
+
+HEADERS_PER_TASK = 32  # scenes whose headers one counting task reads
+
+
+def _tiles_of(scenes: list[dict], geo: dict, image_size: int) -> int:
+    batch = {k: np.array([s.get(k) or "" for s in scenes], dtype=object) for k in ("uri", "scene", "datetime")}
+    units = plan_scene(batch, geo, image_size)
+    return sum(len(json.loads(str(unit["windows"][0]))) for unit in units)
+
+
+def count_tiles(scenes: list[dict], geo: dict, image_size: int) -> int:
+    """Tiles the scenes will be cut into (before mostly-nodata ones are dropped), from their headers
+    alone (a Ray task per HEADERS_PER_TASK scenes; a scene that cannot be read counts none): what
+    an approximate index is planned for before embedding."""
+    import ray
+
+    task = ray.remote(num_cpus=HEADER_CPUS)(_tiles_of)
+    return sum(ray.get([task.remote(scenes[i:i + HEADERS_PER_TASK], geo, image_size)
+                        for i in range(0, len(scenes), HEADERS_PER_TASK)]))
+
+
+def sample_windows(batch: dict[str, np.ndarray], fraction: float, seed: int = 0) -> dict[str, np.ndarray]:
+    """Map function over read units: each window kept with probability `fraction`, drawn from a
+    generator seeded by the unit (the same sample on every run), before any pixel is read; units
+    left without a window are dropped (units carrying a scene's error are kept)."""
+    import zlib
+
+    keep, windows = [], []
+    for scene, listed, error in zip(batch["scene"], batch["windows"], batch["error"], strict=True):
+        listed = str(listed)
+        rng = np.random.default_rng([seed, zlib.crc32(f"{scene}|{listed[:64]}".encode())])
+        chosen = [w for w in json.loads(listed) if rng.random() < fraction]
+        keep.append(bool(error) or bool(chosen))
+        windows.append(json.dumps(chosen))
+    keep_rows = np.array(keep, dtype=bool)
+    out = {k: v[keep_rows] for k, v in batch.items() if k != "windows"}
+    out["windows"] = np.array(windows, dtype=object)[keep_rows]
+    return out
+
+
+def tile_dataset(scenes: list[dict], geo: dict, image_size: int, sample_fraction: float | None = None):
+    """Ray Data stream of the scenes' tiles (`read_unit` rows), spread over the cluster; with
+    `sample_fraction`, of a seeded random share of each scene's tiles (`sample_windows`)."""
+    units = _scene_units(scenes, geo, image_size)
+    if sample_fraction is not None and sample_fraction < 1:
+        units = units.map_batches(sample_windows, fn_kwargs={"fraction": sample_fraction}, batch_size=None,
+                                  batch_format="numpy", num_cpus=HEADER_CPUS)
     units = units.repartition(target_num_rows_per_block=1)  # a task per unit, not per scene
     return units.map_batches(read_unit, fn_kwargs={"geo": geo, "image_size": image_size}, batch_size=1,
                              batch_format="numpy", num_cpus=TILE_CPUS)

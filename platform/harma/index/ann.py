@@ -114,7 +114,7 @@ def default_pq_m(dim: int) -> int:
 
 
 def plan_ann(kind: str, n: int, dim: int, budget_bytes: int, nlist: int = 0, nprobe: int = 0, pq_m: int = 0,
-             hnsw_m: int = 32, ef_search: int = 0, rerank: int = 50) -> AnnParams:
+             hnsw_m: int = 32, ef_search: int = 0, rerank: int = 50, train_rows: int = 0) -> AnnParams:
     """`kind` ('auto' or one of KINDS) resolved for n vectors of `dim`, unset numbers (0) by rule."""
     if kind == "auto":
         kind = choose_kind(n, dim, budget_bytes)
@@ -134,13 +134,74 @@ def plan_ann(kind: str, n: int, dim: int, budget_bytes: int, nlist: int = 0, npr
             raise ValueError(f"index.ann ivf_pq: pq_m {pq_m} does not divide the embedding size {dim}")
     return AnnParams(kind, nlist=nlist, nprobe=min(nlist, nprobe or max(8, nlist // 256)),
                      pq_m=pq_m if kind == "ivf_pq" else 0, rerank=rerank,
-                     train_rows=min(n, MAX_TRAIN_ROWS, TRAIN_PER_LIST * nlist))
+                     train_rows=min(n, train_rows or min(MAX_TRAIN_ROWS, TRAIN_PER_LIST * nlist)))
+
+
+def encoded_by_codes(kind: str) -> bool:
+    """Whether vectors of `kind` can be encoded apart from the index (the embedding actors do it) and
+    appended as codes: the IVF kinds, once trained. An HNSW graph is built by adding to it."""
+    return kind in ("ivf_flat", "ivf_pq")
+
+
+def trained_codec(sample: np.ndarray, params: AnnParams, seed: int = 0,
+                  progress: Callable[[str], None] = lambda _: None) -> faiss.Index:
+    """An empty IVF index of `params` (inner product) with its cells (and PQ codebooks) trained on
+    L2-normalised float32 `sample` (at most `params.train_rows` of its rows, drawn at random). It
+    encodes vectors anywhere (`encode`, after `ann_to_bytes`), and `filled` appends their codes."""
+    if not encoded_by_codes(params.kind):
+        raise ValueError(f"a {params.kind} index has no trained codec")
+    n, dim = sample.shape
+    if n < params.nlist:
+        raise ValueError(f"index.ann {params.kind}: {n} sample vectors cannot train {params.nlist} cells; lower "
+                         f"ann_params.nlist or use exact")
+    quantizer = faiss.IndexFlatIP(dim)
+    if params.kind == "ivf_flat":
+        index = faiss.IndexIVFFlat(quantizer, dim, params.nlist, faiss.METRIC_INNER_PRODUCT)
+    else:
+        index = faiss.IndexIVFPQ(quantizer, dim, params.nlist, params.pq_m, 8, faiss.METRIC_INNER_PRODUCT)
+    take = min(n, params.train_rows or n)
+    rows = np.sort(np.random.default_rng(seed).choice(n, size=take, replace=False))
+    started = time.perf_counter()
+    index.cp.seed = seed
+    index.train(np.ascontiguousarray(sample[rows], dtype=np.float32))
+    index.own_fields = True  # the coarse quantiser lives as long as the index (a codec outlives this call)
+    quantizer.this.disown()
+    progress(f"  ANN {params.kind}: trained {params.nlist} cells on {len(rows)} vectors "
+             f"in {time.perf_counter() - started:.1f} s")
+    return index
+
+
+def encode(codec: faiss.Index, vectors: np.ndarray) -> np.ndarray:
+    """(N, codec.sa_code_size()) uint8: each vector's cell and code under the trained `codec`,
+    exactly what adding it to the index would store (FAISS's standalone codec)."""
+    if not len(vectors):
+        return np.zeros((0, codec.sa_code_size()), np.uint8)
+    return codec.sa_encode(np.ascontiguousarray(vectors, dtype=np.float32))
+
+
+def append_codes(index: faiss.Index, codes: np.ndarray,
+                 progress: Callable[[str], None] = lambda _: None) -> faiss.Index:
+    """`index` (an IVF index, trained) with `codes` (from `encode` under its codec) appended in
+    chunks, rows following on. Equals adding the vectors themselves, byte for byte."""
+    n = len(codes)
+    for start in range(0, n, ADD_CHUNK):
+        index.add_sa_codes(np.ascontiguousarray(codes[start:start + ADD_CHUNK], dtype=np.uint8))
+        if n > ADD_CHUNK:
+            progress(f"  ANN: appended {min(n, start + ADD_CHUNK)}/{n} codes")
+    return index
+
+
+def filled(codec: faiss.Index, codes: np.ndarray,
+           progress: Callable[[str], None] = lambda _: None) -> faiss.Index:
+    """A copy of trained, empty `codec` holding `codes` (row = id)."""
+    return append_codes(faiss.clone_index(codec), codes, progress)
 
 
 def build_ann(vectors: np.ndarray, params: AnnParams, seed: int = 0,
               progress: Callable[[str], None] = lambda _: None) -> faiss.Index:
-    """A FAISS index of `params.kind` over L2-normalised float32 `vectors` (row = id), inner product:
-    trained on `params.train_rows` rows drawn at random, then filled in chunks."""
+    """A FAISS index of `params.kind` over L2-normalised float32 `vectors` (row = id), inner product,
+    in this process: an IVF index trained on `params.train_rows` rows drawn at random, then filled;
+    an HNSW graph added to in chunks."""
     if params.kind == "exact":
         raise ValueError("an exact index has no FAISS structure: the replica scans the gallery")
     n, dim = vectors.shape
@@ -148,17 +209,7 @@ def build_ann(vectors: np.ndarray, params: AnnParams, seed: int = 0,
         index = faiss.IndexHNSWFlat(dim, params.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
     else:
-        quantizer = faiss.IndexFlatIP(dim)
-        if params.kind == "ivf_flat":
-            index = faiss.IndexIVFFlat(quantizer, dim, params.nlist, faiss.METRIC_INNER_PRODUCT)
-        else:
-            index = faiss.IndexIVFPQ(quantizer, dim, params.nlist, params.pq_m, 8, faiss.METRIC_INNER_PRODUCT)
-        rows = np.sort(np.random.default_rng(seed).choice(n, size=params.train_rows, replace=False))
-        started = time.perf_counter()
-        index.cp.seed = seed
-        index.train(np.ascontiguousarray(vectors[rows], dtype=np.float32))
-        progress(f"  ANN {params.kind}: trained {params.nlist} cells on {len(rows)} vectors "
-                 f"in {time.perf_counter() - started:.1f} s")
+        index = trained_codec(vectors, params, seed, progress)
     for start in range(0, n, ADD_CHUNK):
         index.add(np.ascontiguousarray(vectors[start:start + ADD_CHUNK], dtype=np.float32))
         if n > ADD_CHUNK:

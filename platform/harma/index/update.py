@@ -9,7 +9,8 @@ scenes of a scene archive not in it), with the parent's checkpoint, numerics, th
 (read from its manifest: an added version embeds as the parent did), and writes parent + new as the
 next version. `delete` writes the next version without the given items (and their captions). The
 parent's vectors are copied, never re-embedded. An approximate index keeps its trained quantiser:
-`add` appends the new vectors to its IVF lists or HNSW graph; `delete` re-adds the kept vectors to
+`add` appends the new vectors to its IVF lists (encoded under its cells by the embedding actors) or
+HNSW graph; `delete` re-adds the kept vectors to
 the emptied IVF lists (encoding only, no k-means), and rebuilds an HNSW graph (HNSW cannot remove).
 The index keeps the kind it was built with; rebuild (`harma index build`) to change it, or when many
 vectors were added since the quantiser was trained (the manifest's `ann.added_since_training`).
@@ -145,6 +146,20 @@ def kept_ann(parent_ann, params, vectors: np.ndarray, progress=log.info):
     return parent_ann
 
 
+def _codec_of(parent_ann, manifest: dict):
+    """An empty copy of an IVF parent's FAISS index (its trained cells and codebooks): what the
+    embedding actors encode new items under; None for an exact or HNSW index."""
+    from harma.index.ann import encoded_by_codes
+
+    if parent_ann is None or not encoded_by_codes((manifest.get("ann") or {}).get("kind", "exact")):
+        return None
+    import faiss
+
+    codec = faiss.clone_index(parent_ann)
+    codec.reset()
+    return codec
+
+
 # --- versions ------------------------------------------------------------------------------------
 def _parent(uri: str) -> tuple[str, EmbeddingIndex, Any]:
     """(absolute URI, loaded index, its FAISS index or None) of the version an update starts from,
@@ -240,7 +255,8 @@ def add_to_index(index_uri: str, settings: dict[str, Any] | None = None, progres
         skip = frozenset(parent.images["id"]) | {str(s) for s in parent.manifest.get("skipped", [])}
     progress(f"adding to version {parent.manifest.get('version', 1)} of {root} ({parent.size} images): "
              f"new items of {cfg.corpus_uri}")
-    corpus = embed_corpus(cfg, progress, skip=skip)
+    codec = _codec_of(parent_ann, parent.manifest)
+    corpus = embed_corpus(cfg, progress, skip=skip, codec=codec)
     new = Rows(corpus.image_emb, corpus.meta, corpus.caption_emb, corpus.captions)
     rows = appended(_rows_of(parent), new)
     change = {"kind": "add", "corpus_uri": cfg.corpus_uri, "added": len(new.vectors),
@@ -258,7 +274,12 @@ def add_to_index(index_uri: str, settings: dict[str, Any] | None = None, progres
                            "tiles_nodata": parent.manifest["geo"].get("tiles_nodata", 0) + corpus.nodata_tiles}
     ann_index = None
     if parent_ann is not None:
-        ann_index = added_ann(parent_ann, new.vectors)
+        if corpus.codes is not None:  # encoded by the embedding actors under the parent's cells
+            from harma.index.ann import append_codes
+
+            ann_index = append_codes(parent_ann, corpus.codes, progress)
+        else:
+            ann_index = added_ann(parent_ann, new.vectors)
         manifest["ann"] = {**parent.manifest["ann"], "added_since_training":
                            parent.manifest["ann"].get("added_since_training", 0) + len(new.vectors)}
     _write(uri, manifest, rows, ann_index, progress)

@@ -49,13 +49,18 @@ class ImageEmbedder:
     """Ray Data actor: image rows -> embeddings (+ thumbnails); undecodable rows flagged."""
 
     def __init__(self, checkpoint_uri: str, device: str, thumbnail_size: int, trace: bool = True,
-                 precision: str = "validated"):
+                 precision: str = "validated", codec: Any = None):
         from harma.serve.encoder import ModelThread, QueryEncoder
 
         self.model_thread = ModelThread()  # __call__ runs on another thread than __init__
         self.encoder = self.model_thread.call(QueryEncoder, checkpoint_uri, device, trace, precision)
         self.thumbnail_size = thumbnail_size
         self.actor_id = ray.get_runtime_context().get_actor_id()  # the build reports how many embedded
+        self.codec = None  # a trained, empty IVF index (its bytes, or their object ref): rows get their codes
+        if codec is not None:
+            from harma.index.ann import ann_from_bytes
+
+            self.codec = ann_from_bytes(ray.get(codec) if isinstance(codec, ray.ObjectRef) else codec)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if "pixels" in batch:
@@ -74,13 +79,14 @@ class ImageEmbedder:
                 ok.append(False)
                 thumbs.append(b"")
         dim = self.encoder.embed_dim
+        ok = np.array(ok, dtype=bool)
         emb = np.zeros((len(ok), dim), np.float32)
         if pixels:
-            emb[np.array(ok)] = self.model_thread.call(self._embed_pixels, np.stack(pixels))
+            emb[ok] = self.model_thread.call(self._embed_pixels, np.stack(pixels))
         out = {k: v for k, v in batch.items() if k != "image"}
-        out.update(embedding=emb, ok=np.array(ok), thumbnail=np.array(thumbs, dtype=object),
+        out.update(embedding=emb, ok=ok, thumbnail=np.array(thumbs, dtype=object),
                    embedder=np.full(len(ok), self.actor_id, dtype=object))
-        return out
+        return self._with_codes(out)
 
     def _embed_tiles(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Scene tiles (harma.geo.corpus rows: model-sized uint8 pixels, a status each)."""
@@ -98,6 +104,17 @@ class ImageEmbedder:
         out = {k: v for k, v in batch.items() if k != "pixels"}
         out.update(embedding=emb, ok=ok, thumbnail=np.array(thumbs, dtype=object),
                    embedder=np.full(len(ok), self.actor_id, dtype=object))
+        return self._with_codes(out)
+
+    def _with_codes(self, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`out` with `ann_code`: each embedded row's IVF cell and code under the codec (zeros for a
+        row not embedded), so the driver appends bytes instead of encoding the corpus itself."""
+        if self.codec is not None:
+            from harma.index.ann import encode
+
+            codes = np.zeros((len(out["ok"]), self.codec.sa_code_size()), np.uint8)
+            codes[out["ok"]] = encode(self.codec, out["embedding"][out["ok"]])
+            out["ann_code"] = codes
         return out
 
     def _embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
@@ -149,15 +166,24 @@ def _relative(path: str, root: str) -> str:
     return path[len(prefix):] if path.startswith(prefix) else path
 
 
+SAMPLE_SEED = 0  # the corpus sample an IVF index is trained on is the same on every run
+# An IVF index's cells are trained on a sample streamed through the embedding actors before the
+# whole corpus is embedded: SAMPLE_MARGIN x train_rows drawn (a Bernoulli draw, and some items may
+# not decode), and only while that sample is at most 1 / SAMPLE_AT_MOST of the corpus; a smaller
+# corpus is embedded once and its cells trained on the driver from the embedded vectors.
+SAMPLE_MARGIN = 1.25
+SAMPLE_AT_MOST = 2
 GEO_COLUMNS = ("scene", "datetime", "window", "geometry", "centre_lon", "centre_lat", "gsd")
 
 
-def _image_dataset(cfg: IndexConfig, image_size: int, skip: frozenset[str] = frozenset()
-                   ) -> tuple[ray.data.Dataset, int | None, dict]:
+def _image_dataset(cfg: IndexConfig, image_size: int, skip: frozenset[str] = frozenset(),
+                   sample_fraction: float | None = None) -> tuple[ray.data.Dataset, int | None, dict]:
     """(dataset of image rows with image (or pixels), id, source, image_id, split, label; number of
     images when known beforehand; the scenes of a geotiff corpus: {"scenes": [...], "bad": [...]}).
     Items in `skip` (image ids; scene ids of a geotiff corpus) are left out, before their pixels are
-    read where the corpus lists them (files, scenes), as they are read from prepared shards."""
+    read where the corpus lists them (files, scenes), as they are read from prepared shards. With
+    `sample_fraction`, a seeded random share of the items (drawn from the file list or each
+    scene's tiles before reading; from the rows of prepared shards as they stream)."""
     if cfg.corpus_format == "geotiff":
         from harma.geo.corpus import list_scenes, tile_dataset
 
@@ -169,7 +195,8 @@ def _image_dataset(cfg: IndexConfig, image_size: int, skip: frozenset[str] = fro
                 raise NothingNewError(f"{cfg.corpus_uri}: every scene is already in the index")
         if not scenes:
             raise ValueError(f"{cfg.corpus_uri}: no readable scene ({'; '.join(b['reason'] for b in bad[:3])})")
-        return tile_dataset(scenes, cfg.geo.model_dump(), image_size), None, {"scenes": scenes, "bad": bad}
+        return (tile_dataset(scenes, cfg.geo.model_dump(), image_size, sample_fraction), None,
+                {"scenes": scenes, "bad": bad})
     if cfg.corpus_format == "prepared":
         files = _prepared_files(cfg)
         fs, _ = storage.resolve(files[0])
@@ -189,7 +216,10 @@ def _image_dataset(cfg: IndexConfig, image_size: int, skip: frozenset[str] = fro
                 batch, keys = {c: v[new] for c, v in batch.items()}, keys[new]
             return {**batch, "id": keys, "source": keys}
 
-        return ds.map_batches(rename, batch_format="numpy", num_cpus=0.1), total, {}
+        ds = ds.map_batches(rename, batch_format="numpy", num_cpus=0.1)
+        if sample_fraction is not None and sample_fraction < 1:
+            ds = ds.random_sample(sample_fraction, seed=SAMPLE_SEED)
+        return ds, total, {}
     extensions = tuple(e.lower() for e in cfg.image_extensions)
     files = [f for f in storage.list_files(cfg.corpus_uri) if f.lower().endswith(extensions)]
     if not files:
@@ -199,6 +229,9 @@ def _image_dataset(cfg: IndexConfig, image_size: int, skip: frozenset[str] = fro
         files = [f for f in files if _relative(storage.resolve(f)[1], root) not in skip]
         if not files:
             raise NothingNewError(f"{cfg.corpus_uri}: every image file is already in the index")
+    if sample_fraction is not None and sample_fraction < 1:
+        rng = np.random.default_rng(SAMPLE_SEED)
+        files = [f for f, u in zip(files, rng.random(len(files)), strict=True) if u < sample_fraction]
     ds = ray.data.read_binary_files([storage.resolve(f)[1] for f in files], filesystem=fs,
                                     include_paths=True, num_cpus=READ_CPUS)
 
@@ -242,20 +275,54 @@ def _batches_of_whole_pool(ds: ray.data.Dataset, cfg: IndexConfig) -> Iterator[d
 PRECISION_SAMPLE_IMAGES = 2000  # images (with their captions) the bf16 cost is measured on
 
 
-def _approximate(cfg: IndexConfig, image_emb: np.ndarray, manifest: dict, progress) -> Any:
-    """The FAISS index of `index.ann` over the gallery (None for exact); its parameters go to the manifest."""
-    from harma.index.ann import build_ann, plan_ann
+def _ann_params(cfg: IndexConfig, corpus: EmbeddedCorpus):
+    """The AnnParams of the index: those its codes were made for, else `index.ann` planned for the
+    embedded gallery."""
+    from harma.index.ann import AnnParams, plan_ann
 
-    params = plan_ann(cfg.ann, len(image_emb), image_emb.shape[1], cfg.ann_params.memory_budget_bytes,
-                      **cfg.ann_params.model_dump(exclude={"memory_budget_bytes"}))
+    if corpus.ann is not None:
+        return AnnParams.from_manifest(corpus.ann)
+    return plan_ann(cfg.ann, len(corpus.image_emb), corpus.image_emb.shape[1], cfg.ann_params.memory_budget_bytes,
+                    **cfg.ann_params.model_dump(exclude={"memory_budget_bytes"}))
+
+
+def _approximate(cfg: IndexConfig, corpus: EmbeddedCorpus, slices: list[tuple[int, int]], manifest: dict,
+                 progress) -> list[Any]:
+    """The FAISS index of `index.ann` over each slice of the gallery (one slice: the whole; None each
+    for exact); its parameters, and how it was trained and encoded, go to `manifest["ann"]`. An IVF
+    index's slices share one trained codec (the same cells): the actors' codes appended, or, for a
+    corpus embedded without them, codes made here after training on the embedded vectors."""
+    from harma.index.ann import (
+        ADD_CHUNK,
+        build_ann,
+        encode,
+        encoded_by_codes,
+        filled,
+        trained_codec,
+    )
+
+    params = _ann_params(cfg, corpus)
     manifest["ann"] = params.to_manifest()
     if params.kind == "exact":
-        return None
+        return [None] * len(slices)
     started = time.perf_counter()
-    ann_index = build_ann(image_emb, params, progress=progress)
+    vectors = corpus.image_emb
+    if not encoded_by_codes(params.kind):
+        parts = [build_ann(vectors[first:end], params, progress=progress) for first, end in slices]
+    else:
+        codec, codes = corpus.codec, corpus.codes
+        if codes is None:
+            codec = trained_codec(vectors, params, seed=SAMPLE_SEED, progress=progress)
+            codes = np.concatenate([encode(codec, vectors[i:i + ADD_CHUNK]) for i in range(0, len(vectors), ADD_CHUNK)])
+            manifest["ann"].update(trained_on="embedded corpus", trained_rows=min(len(vectors), params.train_rows),
+                                   encoded_by="driver")
+        else:
+            manifest["ann"].update(corpus.ann or {"trained_on": "index version", "encoded_by": "embedding actors"})
+        parts = [filled(codec, codes[first:end], progress) for first, end in slices]
     manifest["ann"]["build_seconds"] = round(time.perf_counter() - started, 2)
-    progress(f"  ANN {params.kind} over {len(image_emb)} images in {manifest['ann']['build_seconds']} s")
-    return ann_index
+    progress(f"  ANN {params.kind} over {len(vectors)} images in {manifest['ann']['build_seconds']} s"
+             f"{' (codes from the embedding actors)' if corpus.codes is not None else ''}")
+    return parts
 
 
 def precision_record(cfg: IndexConfig, image_emb: np.ndarray, caption_emb: np.ndarray | None,
@@ -356,6 +423,9 @@ class EmbeddedCorpus:
     skipped: list  # undecodable image ids; a geotiff corpus: unreadable scenes ({uri, scene, reason})
     scenes: list[dict]  # a geotiff corpus: the scenes read (harma.geo.corpus.list_scenes)
     nodata_tiles: int = 0
+    codes: np.ndarray | None = None  # (N, code size) uint8: the actors' IVF codes of image_emb's rows
+    codec: Any = None  # the trained, empty FAISS index they were encoded under
+    ann: dict | None = None  # AnnParams (as in a manifest) and how the codec was trained, with `codes`
 
 
 def _prepare(cfg: IndexConfig) -> IndexConfig:
@@ -370,16 +440,60 @@ def _prepare(cfg: IndexConfig) -> IndexConfig:
     return cfg
 
 
-def embed_corpus(cfg: IndexConfig, progress=log.info, skip: frozenset[str] = frozenset()) -> EmbeddedCorpus:
+def _streamed_codec(cfg: IndexConfig, arch, skip: frozenset[str], total: int | None, archive: dict,
+                    progress) -> tuple[Any, dict | None]:
+    """(trained, empty FAISS index, its `ann` record) of the IVF index `index.ann` plans for this
+    corpus, its cells trained on a sample of the corpus streamed through a pool of embedding actors
+    (harma.index.ann.trained_codec); (None, None) for an exact or HNSW index, or a corpus too small
+    for a sample to pay (its cells are trained from the embedded corpus)."""
+    from harma.index.ann import encoded_by_codes, plan_ann, trained_codec
+
+    if cfg.ann == "exact":
+        return None, None
+    if total is None:  # a scene archive: its tiles counted from the scene headers
+        from harma.geo.corpus import count_tiles
+
+        total = count_tiles(archive["scenes"], cfg.geo.model_dump(), arch.image_size)
+    params = plan_ann(cfg.ann, max(total, 1), arch.embed_dim, cfg.ann_params.memory_budget_bytes,
+                      **cfg.ann_params.model_dump(exclude={"memory_budget_bytes"}))
+    if not encoded_by_codes(params.kind) or params.train_rows * SAMPLE_AT_MOST > total:
+        return None, None
+    fraction = min(1.0, SAMPLE_MARGIN * params.train_rows / total)
+    started = time.perf_counter()
+    progress(f"  ANN {params.kind} for {total} items: training its {params.nlist} cells on a {fraction:.1%} "
+             f"sample streamed through the embedding actors")
+    device = "cuda" if cfg.use_gpu else "cpu"
+    sample_ds, _, _ = _image_dataset(cfg, arch.image_size, skip, sample_fraction=fraction)
+    sample_ds = sample_ds.repartition(target_num_rows_per_block=cfg.batch_size).map_batches(
+        ImageEmbedder, fn_constructor_args=(cfg.checkpoint_uri, device, 0, cfg.trace_encoders, cfg.precision),
+        **_actor_options(cfg))
+    parts = [batch["embedding"][batch["ok"].astype(bool)] for batch in _batches_of_whole_pool(sample_ds, cfg)]
+    sample = np.concatenate(parts) if parts else np.zeros((0, arch.embed_dim), np.float32)
+    codec = trained_codec(sample, params, seed=SAMPLE_SEED, progress=progress)
+    record = {**params.to_manifest(), "planned_for": int(total), "trained_on": "streamed sample",
+              "sample_rows": int(len(sample)), "trained_rows": int(min(len(sample), params.train_rows)),
+              "train_seconds": round(time.perf_counter() - started, 2), "encoded_by": "embedding actors"}
+    return codec, record
+
+
+def embed_corpus(cfg: IndexConfig, progress=log.info, skip: frozenset[str] = frozenset(), codec: Any = None,
+                 plan_ann: bool = False) -> EmbeddedCorpus:
     """Embed the corpus's images (but those in `skip`: image ids, or scene ids of a geotiff corpus)
-    with a pool of `cfg.actors` actors, and the captions of the images embedded."""
+    with a pool of `cfg.actors` actors, and the captions of the images embedded. With `codec` (a
+    trained, empty IVF index), or with `plan_ann` when `index.ann` plans an IVF index for a corpus
+    this large (its cells then trained first on a streamed sample: `_streamed_codec`), the actors
+    also encode each image for it (`EmbeddedCorpus.codes`)."""
     t0 = time.perf_counter()
     device = "cuda" if cfg.use_gpu else "cpu"
     from harma.model.backbone import arch_info
     from harma.model.checkpoint import read_checkpoint_config
 
-    image_size = arch_info(read_checkpoint_config(cfg.checkpoint_uri).model.backbone.arch).image_size
+    arch = arch_info(read_checkpoint_config(cfg.checkpoint_uri).model.backbone.arch)
+    image_size = arch.image_size
     images, total, archive = _image_dataset(cfg, image_size, skip)
+    ann_record = None
+    if plan_ann and codec is None:
+        codec, ann_record = _streamed_codec(cfg, arch, skip, total, archive, progress)
     geo = cfg.corpus_format == "geotiff"
     # Readers hand on blocks of up to 128 MiB: a small corpus was one block, so one actor embedded
     # all of it whatever `index.actors` said. Blocks of one inference batch spread it over the pool.
@@ -387,12 +501,17 @@ def embed_corpus(cfg: IndexConfig, progress=log.info, skip: frozenset[str] = fro
     what = f"tiles of {len(archive['scenes'])} scene(s)" if geo else f"{total}{' new' if skip else ''} images"
     progress(f"embedding {what} from {cfg.corpus_uri} with {cfg.checkpoint_uri} "
              f"({cfg.actors} actor(s), {device})")
+    if codec is not None:
+        from harma.index.ann import ann_to_bytes
+
+        codec_ref = ray.put(ann_to_bytes(codec))  # once in the object store, not in every actor's arguments
     embedded = images.map_batches(ImageEmbedder, fn_constructor_args=(cfg.checkpoint_uri, device,
                                                                         cfg.thumbnail_size, cfg.trace_encoders,
-                                                                        cfg.precision),
+                                                                        cfg.precision,
+                                                                        None if codec is None else codec_ref),
                                   **_actor_options(cfg))
     columns = ("id", "source", "image_id", "split", "label", "thumbnail") + (GEO_COLUMNS if geo else ())
-    emb_parts, meta = [], {c: [] for c in columns}
+    emb_parts, code_parts, meta = [], [], {c: [] for c in columns}
     skipped: list = []
     scene_errors: dict[str, dict] = {}
     nodata_tiles = 0
@@ -410,6 +529,8 @@ def embed_corpus(cfg: IndexConfig, progress=log.info, skip: frozenset[str] = fro
         else:
             skipped.extend(str(k) for k in batch["id"][~ok])
         emb_parts.append(batch["embedding"][ok])
+        if codec is not None:
+            code_parts.append(batch["ann_code"][ok])
         for column in meta:
             values = batch[column][ok].tolist()
             meta[column].extend(values)
@@ -465,7 +586,11 @@ def embed_corpus(cfg: IndexConfig, progress=log.info, skip: frozenset[str] = fro
             captions["image_row"].extend(row_of[str(k)] for k in batch["image"][keep])
         caption_emb = np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
         progress(f"  captions {len(caption_emb)}")
-    return EmbeddedCorpus(image_emb, meta, caption_emb, captions, skipped, archive.get("scenes", []), nodata_tiles)
+    codes = None
+    if codec is not None:
+        codes = np.concatenate(code_parts) if code_parts else np.zeros((0, codec.sa_code_size()), np.uint8)
+    return EmbeddedCorpus(image_emb, meta, caption_emb, captions, skipped, archive.get("scenes", []), nodata_tiles,
+                          codes, codec, ann_record)
 
 
 def _scenes_read(corpus: EmbeddedCorpus) -> int:
@@ -477,7 +602,7 @@ def build_index(cfg: IndexConfig, progress=log.info) -> dict[str, Any]:
     t0 = time.perf_counter()
     cfg = _prepare(cfg)
     fingerprint = checkpoint_fingerprint(cfg.checkpoint_uri)
-    corpus = embed_corpus(cfg, progress)
+    corpus = embed_corpus(cfg, progress, plan_ann=True)
     geo = cfg.corpus_format == "geotiff"
     if geo:
         scene_list = _quicklooks(cfg, corpus.scenes, {b["scene"] for b in corpus.skipped}, corpus.meta)
@@ -505,36 +630,36 @@ def build_index(cfg: IndexConfig, progress=log.info) -> dict[str, Any]:
         "precision": precision_record(cfg, corpus.image_emb, corpus.caption_emb, corpus.captions, corpus.meta,
                                       progress),
     }
-    kind, slices = _shard_plan(cfg, corpus.image_emb)
+    slices = _shard_plan(cfg, corpus)
+    ann_parts = _approximate(cfg, corpus, slices, manifest, progress)
     if len(slices) > 1:
-        _write_shards(cfg, manifest, corpus, kind, slices, progress)
+        _write_shards(cfg, manifest, corpus, slices, ann_parts, progress)
     else:
-        ann_index = _approximate(cfg, corpus.image_emb, manifest, progress)
         save_index(cfg.output_uri, EmbeddingIndex(manifest, corpus.image_emb, corpus.meta, corpus.caption_emb,
-                                                  corpus.captions), ann_index)
+                                                  corpus.captions), ann_parts[0])
     progress(f"index written to {cfg.output_uri}: {manifest['images']} images, {manifest['captions']} "
              f"captions{f' in {len(slices)} shards' if len(slices) > 1 else ''}, {manifest['build_seconds']:.0f} s")
     return manifest
 
 
-def _shard_plan(cfg: IndexConfig, image_emb: np.ndarray) -> tuple[str | None, list[tuple[int, int]]]:
-    """(ANN kind of the whole index, the slices of the gallery each shard holds, from the RAM a
-    vector costs in that kind); (None, one slice) without `max_shard_bytes`."""
-    from harma.index.ann import plan_ann, ram_bytes_per_vector
+def _shard_plan(cfg: IndexConfig, corpus: EmbeddedCorpus) -> list[tuple[int, int]]:
+    """The slices of the gallery each shard holds, from the RAM a vector costs in the index's ANN
+    kind; one slice without `max_shard_bytes`."""
+    from harma.index.ann import ram_bytes_per_vector
     from harma.index.shards import plan_shards
 
+    n = len(corpus.image_emb)
     if cfg.max_shard_bytes is None:
-        return None, [(0, len(image_emb))]
-    params = plan_ann(cfg.ann, len(image_emb), image_emb.shape[1], cfg.ann_params.memory_budget_bytes,
-                      **cfg.ann_params.model_dump(exclude={"memory_budget_bytes"}))
-    per_vector = ram_bytes_per_vector(params.kind, image_emb.shape[1], params.pq_m, cfg.ann_params.hnsw_m)
-    return params.kind, plan_shards(len(image_emb), per_vector, cfg.max_shard_bytes)
+        return [(0, n)]
+    params = _ann_params(cfg, corpus)
+    per_vector = ram_bytes_per_vector(params.kind, corpus.image_emb.shape[1], params.pq_m, cfg.ann_params.hnsw_m)
+    return plan_shards(n, per_vector, cfg.max_shard_bytes)
 
 
-def _write_shards(cfg: IndexConfig, manifest: dict, corpus: EmbeddedCorpus, kind: str,
-                  slices: list[tuple[int, int]], progress) -> None:
-    """Each slice of the gallery (with its images' captions) as a whole index under shards/NNNNN/, of
-    the ANN kind the whole index would have (each with its own cells), then the root manifest."""
+def _write_shards(cfg: IndexConfig, manifest: dict, corpus: EmbeddedCorpus, slices: list[tuple[int, int]],
+                  ann_parts: list[Any], progress) -> None:
+    """Each slice of the gallery (with its images' captions and its part of the FAISS index: the
+    whole index's cells) as a whole index under shards/NNNNN/, then the root manifest."""
     import json
 
     from harma.index.shards import shard_name
@@ -549,12 +674,12 @@ def _write_shards(cfg: IndexConfig, manifest: dict, corpus: EmbeddedCorpus, kind
         part = kept(rows, drop)
         shard = {**manifest, "images": end - first, "captions": 0 if part.caption_emb is None else len(part.caption_emb),
                  "shard": {"position": position, "of": len(slices), "first_row": first}}
-        ann_index = _approximate(cfg.model_copy(update={"ann": kind}), part.vectors, shard, progress)
         uri = storage.join(cfg.output_uri, shard_name(position))
-        save_index(uri, EmbeddingIndex(shard, part.vectors, part.images, part.caption_emb, part.captions), ann_index)
+        save_index(uri, EmbeddingIndex(shard, part.vectors, part.images, part.caption_emb, part.captions),
+                   ann_parts[position])
         listed.append({"uri": shard_name(position), "images": shard["images"], "captions": shard["captions"],
                        "first_row": first})
-        progress(f"  shard {position + 1}/{len(slices)}: images {first}-{end - 1} ({kind})")
+        progress(f"  shard {position + 1}/{len(slices)}: images {first}-{end - 1} ({manifest['ann']['kind']})")
     manifest["shards"] = listed
-    manifest["ann"] = {"kind": kind}
+    manifest["ann"] = {"kind": manifest["ann"]["kind"]}
     storage.write_bytes(storage.join(cfg.output_uri, MANIFEST), json.dumps(manifest, indent=1).encode())
