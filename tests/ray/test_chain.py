@@ -25,18 +25,44 @@ REPO = Path(__file__).resolve().parents[2]
 BEST = "s3://chain-runs/runs/synth-adapt/best"
 
 
+HARMA_LOG_LINE = r"^\d\d:\d\d:\d\d \S"  # harma's console format (harma.cli._setup_logging)
+SUMMARY_LINES = (r"^$", r"^ +I2T R@1", r"^best val ", r"^test \(best on val\) ", r"^\d+ steps on \d+ worker",
+                 r"^best checkpoint: ", r"^report: ")
+
+
 @pytest.mark.ray
 def test_train_eval_index_serve_chain_from_the_shipped_files_on_s3(ray_cluster, s3_server, synth_root, tmp_path,
                                                                     capsys):
+    """The shipped synth files chained on the S3 store: `harma train` (run as a user runs it, its
+    console harma's progress and summary only: Ray's internals stay in Ray's log files) -> `harma
+    eval` of its published best -> `harma index build` -> `harma serve`."""
+    import os
+    import re
+
+    import ray
     from harma import storage
 
     s3_server.create_bucket("chain-data")
     s3_server.create_bucket("chain-runs")
     prepare_dataset(synth_root, "s3://chain-data/synth", ["train", "val", "test"])
-    data = "data.prepared_uri=s3://chain-data/synth"
-    assert main(["train", "--config", str(REPO / "jobs" / "train_synth.yaml"), "run.output_dir=s3://chain-runs/runs",
-                 data, "model.backbone.weights_uri=null", "train.epochs=2", "train.batch_size=16",
-                 "train.workers.min=1", "train.workers.max=1"]) == 0
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    proc = subprocess.run(
+        [sys.executable, "-m", "harma", "train", "--config", str(REPO / "jobs" / "train_synth.yaml"),
+         "run.output_dir=s3://chain-runs/runs", "data.prepared_uri=s3://chain-data/synth",
+         "model.backbone.weights_uri=null", "train.epochs=2", "train.batch_size=16", "train.log_every=4",
+         "train.workers.min=2", "train.workers.max=2"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = (proc.stdout + proc.stderr).splitlines()
+    foreign = [line for line in lines if not re.match(HARMA_LOG_LINE, line)
+               and not any(re.match(p, line) for p in SUMMARY_LINES)]
+    assert foreign == []
+    harma = [line for line in lines if re.match(HARMA_LOG_LINE, line)]
+    assert sum("[harma] step " in line for line in harma) >= 4  # the workers' progress reached the console
+    assert sum("[harma] epoch " in line and "val mR" in line for line in harma) == 2
+    assert any("Ray's own logs: " in line for line in harma)
+    assert not any("\x1b[" in line or "Reporting training result" in line for line in lines)
+
     report = json.loads(storage.read_bytes("s3://chain-runs/runs/synth-adapt/report/metrics.json"))
     assert report["best_checkpoint"] == BEST and report["best_source"].startswith("s3://chain-runs/runs/synth-adapt/checkpoint_")
     for name in ("config.yaml", "adapter.safetensors"):  # published: the same bytes as its source
@@ -59,8 +85,6 @@ def test_train_eval_index_serve_chain_from_the_shipped_files_on_s3(ray_cluster, 
     assert info["checkpoint_uri"] == BEST
 
     # The run in MLflow, read back with MLflow's own client (the session's store, conftest).
-    import os
-
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
@@ -75,36 +99,3 @@ def test_train_eval_index_serve_chain_from_the_shipped_files_on_s3(ray_cluster, 
     assert {a.path for a in client.list_artifacts(run.info.run_id, "report")} >= {"report/training.png",
                                                                                 "report/metrics.json"}
 
-
-HARMA_LOG_LINE = r"^\d\d:\d\d:\d\d \S"  # harma's console format (harma.cli._setup_logging)
-SUMMARY_LINES = (r"^$", r"^ +I2T R@1", r"^best val ", r"^test \(best on val\) ", r"^\d+ steps on \d+ worker",
-                 r"^best checkpoint: ", r"^report: ")
-
-
-@pytest.mark.ray
-def test_a_training_run_console_shows_harmas_lines_only(ray_cluster, synth_root, tmp_path):
-    """`harma train` as a user runs it: its console is harma's progress (steps, epochs with val mR,
-    the Ray log folder) and its summary; Ray's internals stay in Ray's log files."""
-    import os
-    import re
-
-    import ray
-
-    prepare_dataset(synth_root, str(tmp_path / "store"), ["train", "val", "test"])
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    proc = subprocess.run(
-        [sys.executable, "-m", "harma", "train", "--config", str(REPO / "jobs" / "train_synth.yaml"),
-         f"run.output_dir={tmp_path / 'runs'}", f"data.prepared_uri={tmp_path / 'store'}",
-         "model.backbone.weights_uri=null", "train.epochs=2", "train.batch_size=16", "train.log_every=4",
-         "train.workers.min=2", "train.workers.max=2"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = (proc.stdout + proc.stderr).splitlines()
-    foreign = [line for line in lines if not re.match(HARMA_LOG_LINE, line)
-               and not any(re.match(p, line) for p in SUMMARY_LINES)]
-    assert foreign == []
-    harma = [line for line in lines if re.match(HARMA_LOG_LINE, line)]
-    assert sum("[harma] step " in line for line in harma) >= 4  # the workers' progress reached the console
-    assert sum("[harma] epoch " in line and "val mR" in line for line in harma) == 2
-    assert any("Ray's own logs: " in line for line in harma)
-    assert not any("\x1b[" in line or "Reporting training result" in line for line in lines)

@@ -8,14 +8,18 @@ request still open at the end is cancelled and counted as unfinished, not failed
 each request carries N queries to /v1/text-to-images/batch. Prints and writes: requests, failures
 (non-200 or connection errors, with their first messages), queries/s, latency percentiles (per
 request), the start time (unix) and per-second counts (for lining up with replica scaling or a killed replica).
+SIGUSR1 ends the load early (each client finishes its request in flight), for a caller whose
+scenario is over before `seconds`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
+import signal
 import time
 from typing import Any
 
@@ -37,10 +41,10 @@ def percentiles(latencies_ms: list[float]) -> dict[str, float]:
 
 
 async def _client(session, url: str, headers: dict, deadline: float, k: int, rng: random.Random,
-                  records: list[dict[str, Any]], bulk: int = 0) -> None:
+                  records: list[dict[str, Any]], bulk: int = 0, stop: asyncio.Event | None = None) -> None:
     import aiohttp
 
-    while time.perf_counter() < deadline:
+    while time.perf_counter() < deadline and not (stop and stop.is_set()):
         if bulk:
             body: dict[str, Any] = {"queries": [{"text": rng.choice(QUERIES), "k": k} for _ in range(bulk)]}
         else:
@@ -73,9 +77,12 @@ async def run_load(base_url: str, seconds: float, concurrency: int, k: int = 10,
     deadline = t0 + seconds
     timeout = aiohttp.ClientTimeout(total=max(30.0, seconds))
     connector = aiohttp.TCPConnector(limit=concurrency)
+    stop = asyncio.Event()
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not in the main thread
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, stop.set)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         tasks = [asyncio.create_task(_client(session, url, headers, deadline, k, random.Random(seed + i), records,
-                                             bulk))
+                                             bulk, stop))
                  for i in range(concurrency)]
         done, pending = await asyncio.wait(tasks, timeout=seconds + 30)
         for task in pending:

@@ -31,9 +31,6 @@ log = logging.getLogger("harma.serve")
     ray_actor_options={"num_cpus": 0.5},
     health_check_period_s=10,
     graceful_shutdown_timeout_s=20,
-    # Every query reaches every shard: an access-log line a shard per query was a file write on the
-    # fan-out's path, and the ingress logs the request already.
-    logging_config={"enable_access_log": False},
 )
 class IndexShard:
     """One shard's galleries and metadata; `search` answers a batch of encoded queries."""
