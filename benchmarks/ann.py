@@ -4,9 +4,15 @@ bytes a vector; and the memory 100 M vectors need, from the measured bytes a vec
 
     .ci/venv python benchmarks/ann.py [--vectors 1000000] [--dim 512] [--queries 200] \\
         [--kinds ivf_flat ivf_pq hnsw] [--out benchmarks/results/ann.json] [--smoke]
+    .ci/venv python benchmarks/ann.py --source model [--vectors 200000] [--arch harma-tiny] \\
+        [--out benchmarks/results/ann_model.json]
 
-Vectors: harma.index.synthetic.clip_like_vectors (clustered unit vectors in a narrow cone, queries
-off the cone by a modality gap). The ceiling in the same run is the replica's exact scan
+Vectors (`--source synthetic`): harma.index.synthetic.clip_like_vectors (clustered unit vectors in
+a narrow cone, queries off the cone by a modality gap). `--source model`: the project's own
+embeddings, by QueryEncoder (the replica's encoder; random weights, seed 0) of generated aerial
+tiles (harma.data.synth scenes: land covers, rivers, roads, objects) and, as queries, of a
+caption of each of `--queries` other generated tiles: text -> image search as a user runs it, at
+the model's own embedding size. The ceiling in the same run is the replica's exact scan
 (harma.serve.index.search_batch: one matrix product + top-k in torch, on every core), single query
 and in batches of 64. An ANN kind is timed through AnnSearcher (FAISS on every core + the exact
 re-rank of its candidates from fp16 vectors). Target on 2 cores: recall@10 >= 0.95 at >= 50 x
@@ -82,6 +88,61 @@ def ann_row(kind: str, vectors: np.ndarray, vectors16: np.ndarray, queries: np.n
             "params": params.to_manifest()}
 
 
+TILE_CHUNK = 512  # tiles a render task draws
+
+
+def _render_tiles(seed: int, chunk: int, count: int, size: int, image_size: int) -> np.ndarray:
+    """`count` generated tiles (chunk `chunk` of the seed's stream) as model-sized uint8 CHW."""
+    sys.path.insert(0, str(REPO / "platform"))
+    from harma.data.synth import render_scene, sample_scene
+    from harma.data.transforms import eval_uint8
+
+    rng = np.random.default_rng([seed, chunk])
+    return np.stack([eval_uint8(render_scene(sample_scene(rng), rng, size), image_size) for _ in range(count)])
+
+
+def model_vectors(n: int, queries: int, arch: str, seed: int = 0, query_source: str = "captions"
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(n, D) embeddings of generated tiles and (queries, D) embeddings of captions of other tiles
+    (`query_source` "images": of other tiles themselves), by the replica's encoder of a
+    random-weight checkpoint of `arch`; tiles drawn by a process per core while this one encodes."""
+    import os
+    import tempfile
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from serve_latency import make_checkpoint_and_index
+
+    from harma.data.synth import detailed_captions, sample_scene
+    from harma.serve.encoder import QueryEncoder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt, _ = make_checkpoint_and_index(tmp, arch, 1)
+        encoder = QueryEncoder(ckpt, "cpu", trace=True)
+        size = max(encoder.image_size, 48)
+        out = np.empty((n, encoder.embed_dim), np.float32)
+        chunks = [(i, min(TILE_CHUNK, n - start)) for i, start in enumerate(range(0, n, TILE_CHUNK))]
+        t = time.perf_counter()
+        with ProcessPoolExecutor(os.cpu_count(), mp_context=get_context("spawn")) as pool:
+            pending = [pool.submit(_render_tiles, seed, i, count, size, encoder.image_size) for i, count in chunks[:8]]
+            for i, _ in chunks:
+                pixels = pending.pop(0).result()
+                if i + 8 < len(chunks):
+                    pending.append(pool.submit(_render_tiles, seed, *chunks[i + 8], size, encoder.image_size))
+                out[i * TILE_CHUNK:i * TILE_CHUNK + len(pixels)] = encoder.encode_pixels(pixels).cpu().numpy()
+                done = i * TILE_CHUNK + len(pixels)
+                if i % 100 == 0 or done == n:
+                    print(f"  tiles embedded {done}/{n} ({done / (time.perf_counter() - t):.0f}/s)", flush=True)
+        if query_source == "images":
+            pixels = _render_tiles(seed, len(chunks), queries, size, encoder.image_size)
+            return out, np.ascontiguousarray(encoder.encode_pixels(pixels).cpu().numpy(), dtype=np.float32)
+        rng = np.random.default_rng([seed, len(chunks)])
+        captions = [detailed_captions(sample_scene(rng), rng)[0] for _ in range(queries)]
+        text = np.concatenate([encoder.encode_texts(captions[i:i + 256]).cpu().numpy()
+                               for i in range(0, len(captions), 256)]) if captions else np.zeros((0, out.shape[1]))
+    return out, np.ascontiguousarray(text, dtype=np.float32)
+
+
 def sizing(rows: list[dict], dim: int, n: int = 100_000_000) -> list[dict]:
     """RAM and disk of n vectors per kind from the measured bytes a vector, and the shards of
     REPLICA_RAM each they need (the fp16 re-rank vectors are a mapped file, counted on disk)."""
@@ -104,15 +165,27 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--kinds", nargs="+", default=["ivf_flat", "ivf_pq", "hnsw"])
+    parser.add_argument("--source", choices=["synthetic", "model"], default="synthetic",
+                        help="clustered CLIP-like vectors, or the project's own embeddings of generated tiles")
+    parser.add_argument("--arch", default="harma-tiny", help="--source model: the encoder's architecture")
+    parser.add_argument("--query-source", choices=["captions", "images"], default="captions",
+                        help="--source model: queries are captions of other tiles (text -> image) or other tiles")
     parser.add_argument("--out", default="benchmarks/results/ann.json")
     parser.add_argument("--smoke", action="store_true", help="seconds, tiny sizes (CI runs it)")
     args = parser.parse_args()
     if args.smoke:
-        args.vectors, args.dim, args.queries = 20_000, 64, 20
+        args.vectors, args.dim, args.queries = (20_000 if args.source == "synthetic" else 4_000), 64, 20
     t = time.perf_counter()
-    vectors, queries = clip_like_vectors(args.vectors, args.dim, queries=args.queries, seed=0)
-    print(f"{args.vectors} clustered vectors of {args.dim}-d, {args.queries} queries "
-          f"({time.perf_counter() - t:.0f} s to draw)", flush=True)
+    if args.source == "model":
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        vectors, queries = model_vectors(args.vectors, args.queries, args.arch, query_source=args.query_source)
+        args.dim = vectors.shape[1]
+        print(f"{args.vectors} {args.arch} embeddings of generated tiles ({args.dim}-d), {args.queries} "
+              f"{args.query_source[:-1]} queries ({time.perf_counter() - t:.0f} s to embed)", flush=True)
+    else:
+        vectors, queries = clip_like_vectors(args.vectors, args.dim, queries=args.queries, seed=0)
+        print(f"{args.vectors} clustered vectors of {args.dim}-d, {args.queries} queries "
+              f"({time.perf_counter() - t:.0f} s to draw)", flush=True)
     exact, truth = exact_row(vectors, queries)
     rows = [exact]
     vectors16 = vectors.astype(np.float16)
@@ -133,7 +206,9 @@ def main() -> None:
     for p in paper:
         print(f"  {p['kind']:9} RAM {p['ram_gib']:8.1f} GiB  disk {p['disk_gib']:8.1f} GiB  "
               f"shards of 16 GiB: {p['shards_of_16_gib']}")
-    storage.write_json(args.out, {"vectors": args.vectors, "dim": args.dim, "queries": args.queries, "rows": rows,
+    storage.write_json(args.out, {"source": args.source, "arch": args.arch if args.source == "model" else None,
+                                  "query_source": args.query_source if args.source == "model" else None,
+                                  "vectors": args.vectors, "dim": args.dim, "queries": args.queries, "rows": rows,
                                   "sizing_100m": paper, "smoke": args.smoke})
     print(f"wrote {args.out}")
 

@@ -28,18 +28,23 @@ KEYS = {
 }
 
 
+# Other modes of a benchmark that its plain --smoke does not run.
+VARIANTS = {"ann.py": [["--source", "model"]]}
+RUNS = [(script, []) for script in BENCHMARKS] + [(s, extra) for s, variants in VARIANTS.items() for extra in variants]
+
+
 def test_every_benchmark_is_known_here():
     assert set(BENCHMARKS) == set(KEYS), "add the new benchmark's JSON keys to KEYS"
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("script", BENCHMARKS)
-def test_benchmark_smoke_mode_runs_and_writes_its_json(script, tmp_path):
+@pytest.mark.parametrize(("script", "extra"), RUNS, ids=[" ".join([s, *e]) for s, e in RUNS])
+def test_benchmark_smoke_mode_runs_and_writes_its_json(script, extra, tmp_path):
     out = tmp_path / "result.json"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
     env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="hb-")  # short: Ray's socket paths live under it
     env["PYTHONPATH"] = str(REPO / "platform")
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--smoke", "--out", str(out)],
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--smoke", *extra, "--out", str(out)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
