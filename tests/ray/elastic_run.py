@@ -1,4 +1,4 @@
-"""Run by test_multinode.py in its own process: an elastic run that grows from 1 to 2 workers.
+"""Run by test_multinode.py in its own process: an elastic run that grows from 1 to 2 workers on 2 nodes.
 
 The simulated cluster starts with one 2-CPU worker node; each Train worker asks for 1.5 CPUs, so
 only one fits and the run (workers 1..2) starts on 1 worker. Once its first checkpoint is in

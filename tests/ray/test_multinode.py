@@ -1,4 +1,8 @@
-"""Training across Ray nodes (ray.cluster_utils.Cluster, each scenario in a separate process)."""
+"""Training across Ray nodes (ray.cluster_utils.Cluster, in a separate process).
+
+One scenario covers both: a run that starts on one node and grows to two workers on two nodes when
+a second node joins, then trains every remaining step across the two nodes. (A fixed two-node run
+was a test of its own; it added nothing this one does not check and cost 100 s of CI.)"""
 
 import json
 import os
@@ -36,19 +40,13 @@ def run_scenario(script: str, prepared: str, runs: Path) -> dict:
     return result
 
 
-def test_trains_across_two_nodes(tmp_path, prepared):
-    result = run_scenario("multinode_run.py", prepared, tmp_path / "runs")
-    assert result["steps"] == 8
-    assert len(set(result["nodes"])) == 2
-    assert set(result["nodes"]) == set(result["worker_nodes"])
-
-
 def test_elastic_run_grows_when_a_node_joins(tmp_path, prepared):
     result = run_scenario("elastic_run.py", prepared, tmp_path / "runs")
     assert result["checkpoints_before"] >= 1  # the node joined after a checkpoint at 1 worker
     assert result["steps"] == 12 * 8  # every step of the run, none lost to the resize
     assert result["world_size"] == 2
-    assert set(result["nodes"]) == set(result["node_ids"])  # the new node got the second worker
+    # the two workers ran on the two different nodes: the new node got the second worker
+    assert len(set(result["nodes"])) == 2 and set(result["nodes"]) == set(result["node_ids"])
     grown = [r for r in result["restarts"] if r["world_size"] == 2]
     assert grown, result["restarts"]
     # resumed from a checkpoint written at 1 worker, not from scratch
