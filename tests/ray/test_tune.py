@@ -1,4 +1,4 @@
-"""harma tune: a rank sweep with ASHA early stopping, outputs, and resume after a killed driver."""
+"""harma tune: a rank sweep with ASHA early stopping killed mid-sweep and resumed; its outputs."""
 
 import json
 import os
@@ -14,7 +14,6 @@ import yaml
 
 from harma.config import load_config
 from harma.data.prepare import prepare_dataset
-from harma.tune.sweep import sweep
 
 
 @pytest.fixture(scope="module")
@@ -40,36 +39,6 @@ def _sweep_yaml(path: Path, prepared: Path, out: Path, name: str, ranks: tuple[i
     return path
 
 
-def test_rank_sweep_stops_a_trial_early_and_writes_its_summary(ray_cluster, prepared, tmp_path):
-    cfg = load_config(_sweep_yaml(tmp_path / "sweep.yaml", prepared, tmp_path / "out", "ranks"))
-    result = sweep(cfg)
-    assert sorted(r.rank for r in result.rows) == [4, 8, 16]
-    assert [r.trial for r in result.rows] == [f"ranks-rank{r.rank}" for r in result.rows]
-    assert any(r.stopped_early for r in result.rows), [(r.trial, r.epochs) for r in result.rows]
-    params = {r.rank: r.trainable_params for r in result.rows}
-    assert params[4] < params[8] < params[16]
-    summary = tmp_path / "out" / "ranks" / "summary"
-    assert "trainable" in (summary / "table.txt").read_text()
-    assert len(json.loads((summary / "table.json").read_text())) == 3
-    assert (summary / "val_mr_vs_params.png").read_bytes()[:4] == b"\x89PNG"
-    best = load_config(summary / "best.yaml")
-    assert best.tune is None and best.model.adapter.rank == result.best.rank
-    assert (summary / "best.yaml").read_text().startswith("# harma train --config")
-    # MLflow (the session's store, conftest): the sweep is a parent run, each trial a child of it
-    import os
-
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
-    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
-    parent = [r for r in runs if r.info.run_name == "ranks"]
-    assert len(parent) == 1 and parent[0].data.tags["harma.best_checkpoint"] == result.best.checkpoint
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
-    assert sorted(r.data.params["model.adapter.rank"] for r in children) == ["16", "4", "8"]
-    assert {a.path for a in client.list_artifacts(parent[0].info.run_id, "summary")} >= {"summary/table.txt",
-                                                                                       "summary/best.yaml"}
-
-
 def _kill_processes_of(ray_tmp: str) -> None:
     """SIGKILL every process of the cluster a killed driver left behind (found by its temp dir)."""
     import psutil
@@ -87,29 +56,61 @@ def _checkpoints(trial_dir: Path) -> list[dict]:
                   key=lambda m: m["epoch"])
 
 
-def test_killed_driver_resumes_without_rerunning_finished_trials(prepared, tmp_path):
-    # Two trials of 2 epochs: the first finishes before the kill, the second is left for the resumed sweep.
-    config = _sweep_yaml(tmp_path / "sweep.yaml", prepared, tmp_path / "out", "resume", ranks=(16, 8), epochs=2)
+def _assert_summary_and_tracking(out: Path, name: str) -> list[dict]:
+    """The sweep's summary files and its MLflow runs (the session's store, conftest)."""
+    from mlflow.tracking import MlflowClient
+
+    summary = out / name / "summary"
+    rows = json.loads((summary / "table.json").read_text())
+    assert sorted(r["rank"] for r in rows) == [4, 8, 16]
+    assert [r["trial"] for r in rows] == [f"{name}-rank{r['rank']}" for r in rows]
+    params = {r["rank"]: r["trainable_params"] for r in rows}
+    assert params[4] < params[8] < params[16]
+    assert "trainable" in (summary / "table.txt").read_text()
+    assert (summary / "val_mr_vs_params.png").read_bytes()[:4] == b"\x89PNG"
+    best_row = max(rows, key=lambda r: r["val_mr"])
+    best = load_config(summary / "best.yaml")
+    assert best.tune is None and best.model.adapter.rank == best_row["rank"]
+    assert (summary / "best.yaml").read_text().startswith("# harma train --config")
+    # the sweep is one parent run (resumed, not duplicated, by the second driver), each trial a child
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    parent = [r for r in runs if r.info.run_name == name]
+    assert len(parent) == 1 and parent[0].data.tags["harma.best_checkpoint"] == best_row["checkpoint"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
+    assert sorted(r.data.params["model.adapter.rank"] for r in children) == ["16", "4", "8"]
+    assert {a.path for a in client.list_artifacts(parent[0].info.run_id, "summary")} >= {"summary/table.txt",
+                                                                                       "summary/best.yaml"}
+    return rows
+
+
+def test_killed_sweep_resumes_and_still_stops_a_trial_early(prepared, tmp_path):
+    # Three rank trials of 3 epochs with ASHA: the first finishes, then the driver is killed. The
+    # resumed sweep must not rerun it, must compare the other two with its rung results (and stop
+    # one early, as the uninterrupted sweep does), and must write the summary and tracking.
+    out = tmp_path / "out"
+    config = _sweep_yaml(tmp_path / "sweep.yaml", prepared, out, "resume", ranks=(16, 8, 4), epochs=3)
     ray_tmp = tempfile.mkdtemp(prefix="hr-")
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     cmd = [sys.executable, str(Path(__file__).with_name("tune_run.py")), "--config", str(config)]
-    first = tmp_path / "out" / "resume" / "trials" / "resume-rank16"
+    first = out / "resume" / "trials" / "resume-rank16"
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
         deadline = time.time() + 400
         while time.time() < deadline and proc.poll() is None:
-            if [m["epoch"] for m in _checkpoints(first)][-1:] == [2]:
+            if [m["epoch"] for m in _checkpoints(first)][-1:] == [3]:
                 break
             time.sleep(0.5)
-        assert [m["epoch"] for m in _checkpoints(first)] == [1, 2], "the first trial never finished"
+        assert [m["epoch"] for m in _checkpoints(first)] == [1, 2, 3], "the first trial never finished"
         time.sleep(8)  # let Tune record the finished trial; the next one is still far from done
         os.killpg(proc.pid, signal.SIGKILL)  # the sweep's driver dies mid-sweep ...
         proc.wait()
     finally:
         _kill_processes_of(ray_tmp)  # ... and its local cluster with it
     finished = _checkpoints(first)
-    assert not (tmp_path / "out" / "resume" / "summary").exists()
+    at_kill = {rank: _checkpoints(out / "resume" / "trials" / f"resume-rank{rank}") for rank in (8, 4)}
+    assert not (out / "resume" / "summary").exists()
 
     ray_tmp = tempfile.mkdtemp(prefix="hr-")
     try:
@@ -117,8 +118,14 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(prepared, tmp_p
                               timeout=600)
     finally:
         _kill_processes_of(ray_tmp)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    log = done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0, log
     assert "resuming sweep" in done.stdout
     assert _checkpoints(first) == finished  # the finished trial was not run again
-    rows = json.loads((tmp_path / "out" / "resume" / "summary" / "table.json").read_text())
-    assert sorted(r["rank"] for r in rows) == [8, 16]
+    rows = _assert_summary_and_tracking(out, "resume")
+    epochs = {r["rank"]: r["epochs"] for r in rows}
+    assert epochs[16] == 3
+    stopped = [r["rank"] for r in rows if r["stopped_early"]]
+    assert stopped and 16 not in stopped, (epochs, log)
+    # ... judged after the resume, against the restored rungs: its last epoch was not done at the kill
+    assert all(len(at_kill[rank]) < epochs[rank] for rank in stopped), (at_kill, epochs)

@@ -7,7 +7,9 @@ Each trial applies its sampled values to the config and runs the same training f
 TorchTrainer and forwards its reports with `TuneReportCallback`), reading the prepared shards from
 object storage and checkpointing under the sweep's folder. ASHA stops weak trials early on the
 reported val mR (one report per epoch). Trial names come from the sampled values, never from
-timestamps. Re-running a sweep whose driver died resumes it: finished trials are not run again.
+timestamps. Re-running a sweep whose driver died resumes it: finished trials are not run again, and
+ASHA's rungs are rebuilt from the trials' earlier results (`harma.tune.resumable_asha`), so the
+resumed sweep stops the same trials early as an uninterrupted one.
 
 Output in `<run.output_dir>/<run.name>/summary/`: `table.txt` / `table.json` (trial, rank, trainable
 parameters, val mR, test mR of the best-on-val checkpoint, epochs run, time, stopped early),
@@ -36,6 +38,7 @@ from harma.train.driver import (
     preflight,
     with_absolute_paths,
 )
+from harma.tune.resumable_asha import ResumableASHA
 from harma.tune.space import check_space_values, to_param_space, trial_name
 
 log = logging.getLogger(__name__)
@@ -128,7 +131,7 @@ def sweep(cfg: PlatformConfig) -> SweepResult:
     else:
         scheduler = None
         if tune_cfg.scheduler.kind == "asha":
-            scheduler = ray.tune.schedulers.ASHAScheduler(
+            scheduler = ResumableASHA(
                 time_attr="training_iteration", max_t=epochs,
                 grace_period=tune_cfg.scheduler.grace_period,
                 reduction_factor=tune_cfg.scheduler.reduction_factor)
