@@ -736,7 +736,7 @@ def test_the_api_keeps_its_openapi_contract_under_a_property_based_fuzzer(servic
     proc = subprocess.run(
         [str(cli), "--config-file", str(REPO / "tests" / "ray" / "schemathesis.toml"), "run",
          url + "openapi.json", "--mode", "all", "--max-examples", "30", "--seed", "20",
-         "--max-time", "75", "--workers", "1", "--request-timeout", "30", "--continue-on-failure"],
+         "--max-time", "50", "--workers", "1", "--request-timeout", "30", "--continue-on-failure"],
         capture_output=True, text=True, timeout=400, env={**os.environ, "NO_COLOR": "1"})
     summary = [line for line in proc.stdout.splitlines() if line.strip()][-12:]
     print("\n".join(summary))

@@ -149,8 +149,8 @@ def _progress_reached(progress: Path, step: int):
 
 
 def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, prepared, tmp_path, tiny_model_config):
-    # 5 epochs of 8 steps: the run goes on well after the kill (epochs take seconds, not minutes).
-    cfg = _cfg(tiny_model_config, prepared, tmp_path, "killed", **{"train.epochs": 5})
+    # 3 epochs of 8 steps: the run goes on well after the kill (epochs take seconds, not minutes).
+    cfg = _cfg(tiny_model_config, prepared, tmp_path, "killed", **{"train.epochs": 3})
     killed: list = []
     # Kill after the first epoch's checkpoint (step 8) once step 12 is reached.
     watcher = threading.Thread(target=_kill_a_worker_when, daemon=True,
@@ -159,8 +159,8 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, prepared, tmp_p
     result = fit(cfg)
     watcher.join(timeout=5)
     assert killed, "no worker was killed"
-    assert result.steps == 40
-    assert result.restarts and result.restarts[0]["resumed_at_step"] in (8, 16, 24, 32)
+    assert result.steps == 24
+    assert result.restarts and result.restarts[0]["resumed_at_step"] in (8, 16)
     assert result.restarts[0]["steps_redone"] >= 1
 
 
