@@ -34,7 +34,7 @@ from harma.config import ConfigError, load_config
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stdout, force=True)
-    for noisy in ("matplotlib", "PIL"):
+    for noisy in ("matplotlib", "PIL", "faiss"):  # faiss: its CPU-feature probing at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -120,6 +120,7 @@ def serve_demo(checkpoint: str, store: str, out: str, port: int, keep_serving: b
     from harma.serve.app import build_app
     from harma.serve.build import build_index
 
+    quiet_ray_loggers()  # importing ray.serve set its logger to INFO ("Started Serve ..." on the console)
     model_uri, index_uri = storage.join(out, "model"), storage.join(out, "index")
     copy_checkpoint(checkpoint, model_uri)
     manifest = build_index(IndexConfig(checkpoint_uri=model_uri, corpus_uri=store, splits=["test"],

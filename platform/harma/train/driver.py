@@ -122,8 +122,9 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         num_cpus = num_cpus or max(4, 2 * (os.cpu_count() or 2))
         os.environ.setdefault(WORKER_LIMIT_VAR, str(WORKERS_PER_CPU * num_cpus))
         # The raylet warns on the console when it starts more than 4 x this many worker processes
-        # (default: the physical cores); fractional-CPU Data tasks start that many on purpose.
-        os.environ.setdefault(STARTUP_CONCURRENCY_VAR, str(num_cpus))
+        # (default: the physical cores); fractional-CPU Data tasks, the index build's actors and
+        # Serve's replicas start that many on purpose (a demo reached 16 at 4 x num_cpus).
+        os.environ.setdefault(STARTUP_CONCURRENCY_VAR, str(2 * num_cpus))
         context = ray.init(num_cpus=num_cpus, runtime_env=env, log_to_driver=False, logging_level=logging.ERROR)
     quiet_ray_loggers()
     log.info("Ray's own logs: %s", os.path.join(context.address_info.get("session_dir", "?"), "logs"))
