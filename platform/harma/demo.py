@@ -120,14 +120,14 @@ def serve_demo(checkpoint: str, store: str, out: str, port: int, keep_serving: b
     from harma.serve.app import build_app
     from harma.serve.build import build_index
 
-    quiet_ray_loggers()  # importing ray.serve set its logger to INFO ("Started Serve ..." on the console)
+    # `import ray.serve` (above) set Serve's logger to INFO ("Started Serve ..." on the console)
+    quiet_ray_loggers()
     model_uri, index_uri = storage.join(out, "model"), storage.join(out, "index")
     copy_checkpoint(checkpoint, model_uri)
     manifest = build_index(IndexConfig(checkpoint_uri=model_uri, corpus_uri=store, splits=["test"],
                                        output_uri=index_uri), progress=log.info)
     port = _free_port(port)
     ray.serve.start(http_options={"host": "127.0.0.1", "port": port})
-    quiet_ray_loggers()  # Serve set its logger to INFO as it started: its lines go to Ray's log files
     ray.serve.run(build_app({"checkpoint_uri": storage.absolute(model_uri),
                              "index_uri": storage.absolute(index_uri)}), name="harma", route_prefix="/")
     url = f"http://127.0.0.1:{port}/"
