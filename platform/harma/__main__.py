@@ -1,7 +1,5 @@
 """`python -m harma` runs the CLI (the Ray Job entrypoint form)."""
 
-import sys
+from harma.cli import entrypoint
 
-from harma.cli import main
-
-sys.exit(main())
+entrypoint()

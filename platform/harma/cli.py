@@ -577,5 +577,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
+def entrypoint() -> None:
+    """The `harma` command and `python -m harma`: `main` in a process whose stderr is filtered of
+    Ray's C++ log lines (harma.console.gate_native_stderr)."""
+    from harma.console import gate_native_stderr
+
+    gate_native_stderr()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entrypoint()

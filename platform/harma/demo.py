@@ -115,13 +115,10 @@ def serve_demo(checkpoint: str, store: str, out: str, port: int, keep_serving: b
 
     import ray
     from harma.config import IndexConfig
-    from harma.console import quiet_ray_loggers
     from harma.model.checkpoint import copy_checkpoint
     from harma.serve.app import build_app
     from harma.serve.build import build_index
 
-    # `import ray.serve` (above) set Serve's logger to INFO ("Started Serve ..." on the console)
-    quiet_ray_loggers()
     model_uri, index_uri = storage.join(out, "model"), storage.join(out, "index")
     copy_checkpoint(checkpoint, model_uri)
     manifest = build_index(IndexConfig(checkpoint_uri=model_uri, corpus_uri=store, splits=["test"],

@@ -26,7 +26,7 @@ from ray.train.torch import TorchTrainer
 import ray
 from harma import storage
 from harma.config import PlatformConfig
-from harma.console import WorkerLogRelay, quiet_ray_loggers
+from harma.console import WorkerLogRelay, quiet_ray_loggers, route_ray_error_messages
 from harma.data.composition import uniform_same_image_share
 from harma.data.datasets import (
     FOOTER_ACTORS,
@@ -112,6 +112,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     # from the workers reach the console through harma.console.WorkerLogRelay. While Ray starts,
     # only its errors show (not its notice that token authentication is on).
     quiet_ray_loggers(logging.ERROR)
+    route_ray_error_messages()
     if os.environ.get("RAY_ADDRESS"):
         context = ray.init(runtime_env=env, log_to_driver=False, logging_level=logging.ERROR)
     else:
