@@ -40,7 +40,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
 RAW_STDERR_VAR = "HARMA_RAW_STDERR"  # set to 1: the process's stderr is not filtered
-# Ray's notice that a failed task is retried (its caller sees the outcome; the core's log has it)
+# Ray's notice that a failed task is retried (its caller sees the outcome). Kept at DEBUG: no Ray
+# log file holds it either (checked on the demo's session logs), so by default it is not kept.
 RETRY_NOTICE = re.compile(r"There are (infinite|\d+) retries remaining, so the task will be retried")
 
 
