@@ -19,13 +19,13 @@ from harma.cli import main
 from harma.data.prepare import prepare_dataset
 
 sys.path.insert(0, str(Path(__file__).parent))
+from console_lines import foreign_lines, harma_lines  # noqa: E402
 from test_serve import shipped_local_service  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 BEST = "s3://chain-runs/runs/synth-adapt/best"
 
 
-HARMA_LOG_LINE = r"^\d\d:\d\d:\d\d \S"  # harma's console format (harma.cli._setup_logging)
 SUMMARY_LINES = (r"^$", r"^ +I2T R@1", r"^best val ", r"^test \(best on val\) ", r"^\d+ steps on \d+ worker",
                  r"^best checkpoint: ", r"^report: ")
 
@@ -37,7 +37,6 @@ def test_train_eval_index_serve_chain_from_the_shipped_files_on_s3(ray_cluster, 
     console harma's progress and summary only: Ray's internals stay in Ray's log files) -> `harma
     eval` of its published best -> `harma index build` -> `harma serve`."""
     import os
-    import re
 
     import ray
     from harma import storage
@@ -53,15 +52,13 @@ def test_train_eval_index_serve_chain_from_the_shipped_files_on_s3(ray_cluster, 
          "train.workers.min=2", "train.workers.max=2"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = (proc.stdout + proc.stderr).splitlines()
-    foreign = [line for line in lines if not re.match(HARMA_LOG_LINE, line)
-               and not any(re.match(p, line) for p in SUMMARY_LINES)]
-    assert foreign == []
-    harma = [line for line in lines if re.match(HARMA_LOG_LINE, line)]
+    printed = proc.stdout + proc.stderr
+    assert foreign_lines(printed, SUMMARY_LINES) == []
+    harma = harma_lines(printed)
     assert sum("[harma] step " in line for line in harma) >= 4  # the workers' progress reached the console
     assert sum("[harma] epoch " in line and "val mR" in line for line in harma) == 2
     assert any("Ray's own logs: " in line for line in harma)
-    assert not any("\x1b[" in line or "Reporting training result" in line for line in lines)
+    assert "\x1b[" not in printed and "Reporting training result" not in printed
 
     report = json.loads(storage.read_bytes("s3://chain-runs/runs/synth-adapt/report/metrics.json"))
     assert report["best_checkpoint"] == BEST and report["best_source"].startswith("s3://chain-runs/runs/synth-adapt/checkpoint_")

@@ -1,10 +1,17 @@
-"""`harma demo` end to end, small: synth -> prepare -> pre-train -> Ray Train adaptation -> report."""
+"""`harma demo` end to end, small: synth -> prepare -> pre-train -> Ray Train adaptation -> report.
+Run as a user runs it (`python -m harma demo`, a process of its own on the shared cluster), so the
+console it shows is checked too: harma's progress and its closing summary, nothing of Ray's."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from harma.cli import main
+sys.path.insert(0, str(Path(__file__).parent))
+from console_lines import foreign_lines, harma_lines  # noqa: E402
 
 # Test mR points the adapted model must gain over the frozen base (6 test images, 30 captions: one
 # caption more at a T2I R@K is 0.56 points, one image more at I2T R@1 2.8). With this base (60
@@ -13,15 +20,30 @@ from harma.cli import main
 # another, so the test trains 24. A no-op optimizer gains exactly 0.
 MIN_TEST_MR_GAIN = 0.5
 
+# The demo's closing summary (harma.cli.cmd_demo): everything else it prints is a harma log line.
+SUMMARY_LINES = (r"^$", r"^ +I2T R@1", r"^frozen base ", r"^HarMA-adapted ", r"^test mR ", r"^search service over ",
+                 r"^  '[^']*': top ", r"^web page: ", r"^report: ")
 
-def test_demo_end_to_end_small(ray_cluster, tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # a relative --out, as README's command uses: workers run elsewhere
-    out = tmp_path / "demo"
-    assert main(["demo", "--out", "demo", "demo.images=40", "demo.pretrain_images=60",
-                 "demo.pretrain_steps=20", "demo.pretrain_batch_size=16", "train.steps=24",
-                 "train.batch_size=16", "train.log_every=4"]) == 0
-    printed = capsys.readouterr().out
-    assert "frozen base" in printed and "HarMA-adapted" in printed
+
+def test_demo_end_to_end_small(ray_cluster, tmp_path):
+    import ray
+
+    out = tmp_path / "demo"  # a relative --out, as README's command uses: workers run elsewhere
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    proc = subprocess.run(
+        [sys.executable, "-m", "harma", "demo", "--out", "demo", "demo.images=40", "demo.pretrain_images=60",
+         "demo.pretrain_steps=20", "demo.pretrain_batch_size=16", "train.steps=24", "train.batch_size=16",
+         "train.log_every=4"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    printed = proc.stdout + proc.stderr
+    foreign = foreign_lines(printed, SUMMARY_LINES)
+    assert foreign == [], "\n".join(foreign)  # Ray's internals stay in Ray's log files
+    harma = harma_lines(printed)
+    assert [n for n in range(1, 7) if any(f"[{n}/6] " in line for line in harma)] == [1, 2, 3, 4, 5, 6]
+    assert sum("[harma] step " in line for line in harma) >= 4  # the workers' progress reached the console
+    assert any("Ray's own logs: " in line for line in harma)
+    assert "\x1b[" not in printed and "Reporting training result" not in printed
+    assert "frozen base" in proc.stdout and "HarMA-adapted" in proc.stdout
     report = json.loads((out / "report" / "metrics.json").read_text())
     assert report["workers"] == 2
     before, after = report["test_before"]["mr"], report["test_after"]["mr"]
@@ -39,7 +61,7 @@ def test_demo_end_to_end_small(ray_cluster, tmp_path, capsys, monkeypatch):
     assert all(len(q["results"]) == 3 and q["results"][0]["id"].startswith("test/") for q in served["queries"])
     assert json.loads((out / "index" / "manifest.json").read_text())["images"] == 6
     assert (out / "model" / "adapter.safetensors").is_file()
-    assert f"web page: {served['url']}" in printed and "harma serve serve_configs/demo.yaml" in printed
+    assert f"web page: {served['url']}" in proc.stdout and "harma serve serve_configs/demo.yaml" in printed
     # [6/6] generated scenes indexed with footprints, asked by place and time over HTTP as GeoJSON
     scenes = served["scenes"]
     assert scenes["scenes"] == 3 and scenes["tiles"] > 0
@@ -50,3 +72,4 @@ def test_demo_end_to_end_small(ray_cluster, tmp_path, capsys, monkeypatch):
             lon, lat = feature["properties"]["centre"]
             assert w - 0.01 <= lon <= e + 0.01 and s - 0.01 <= lat <= n + 0.01  # a tile touching the box
     assert "place query 'storage tanks next to a river'" in printed
+    assert f"test mR {before:.2f} -> {after:.2f} ({after - before:+.2f})" in proc.stdout
