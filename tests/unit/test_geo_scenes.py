@@ -248,3 +248,69 @@ def test_tiles_are_counted_from_the_headers_and_an_unreadable_scene_counts_none(
     assert _tiles_of(scenes, GEO, 128) == 2 * 7 * 7
     assert _tiles_of(scenes + [{"uri": str(tmp_path / "missing.tif"), "scene": "missing", "datetime": None}],
                      {**GEO, "tile_stride": 128}, 128) == 2 * 4 * 4
+
+
+def _write_scene(path, bands, nodata=None, mask=None):
+    from rasterio.transform import from_origin
+
+    profile = {"driver": "GTiff", "width": bands.shape[2], "height": bands.shape[1], "count": bands.shape[0],
+               "dtype": "uint16", "crs": "EPSG:32631", "transform": from_origin(600000, 5750000, 1, 1),
+               "tiled": True, "blockxsize": 128, "blockysize": 128, "compress": "deflate", "nodata": nodata}
+    with rasterio.open(path, "w", **profile) as ds:
+        ds.write(bands)
+        if mask is not None:
+            ds.write_mask(mask)
+
+
+@pytest.mark.parametrize("masking", ["nodata", "internal mask", "none"])
+@pytest.mark.parametrize("out_size", [90, 112, 160])  # 128 px windows shrunk 1.42x, 1.14x (the default 256 -> 224), grown
+def test_tiles_read_by_regions_are_read_tile_s_pixels_exactly(tmp_path, masking, out_size):
+    """read_tiles reads runs of windows as regions and resamples each window from an in-memory
+    copy; its pixels and nodata fractions must equal read_tile's window by window, at region
+    edges too (a 300 KiB budget cuts the plan into several regions), masked as the scene is
+    (GDAL leaves masked pixels out of the bilinear kernel)."""
+    from harma.geo.reader import read_tiles, region_groups
+    from harma.geo.tiling import plan_tiles
+
+    rng = np.random.default_rng(5)
+    bands = rng.integers(1, 3000, (4, 700, 900)).astype(np.uint16)
+    bands[:, :, :150] = 0  # a nodata strip crossing tiles
+    valid = np.ones((700, 900), np.uint8) * 255
+    valid[500:, 600:] = 0
+    path = str(tmp_path / "scene.tif")
+    _write_scene(path, bands, nodata=0 if masking == "nodata" else None,
+                 mask=valid if masking == "internal mask" else None)
+    windows = plan_tiles(900, 700, 128, 96)
+    budget = 300 * 1024
+    assert len(region_groups(windows, 900, 700, budget)) > 3
+    with rasterio.open(path) as ds:
+        expected = [read_tile(ds, w, out_size, PRESETS["generic"]) for w in windows]
+        got = list(read_tiles(ds, windows, out_size, PRESETS["generic"], max_region_bytes=budget))
+    assert len(got) == len(expected)
+    for (pixels, nodata), (want, want_nodata) in zip(got, expected, strict=True):
+        assert np.array_equal(pixels, want) and nodata == want_nodata
+    fractions = {round(n, 3) for _, n in expected}
+    assert len(fractions) > 2 if masking != "none" else fractions == {0.0}  # masks were in play
+
+
+def test_region_groups_keep_order_stay_within_budget_and_pad_inside_the_scene():
+    from harma.geo.reader import REGION_MARGIN, region_groups
+
+    windows = [(0, 0, 100, 100), (50, 0, 100, 100), (100, 0, 100, 100), (0, 900, 400, 400)]
+    groups = region_groups(windows, 1000, 1300, max_bytes=8 * 220 * 120)
+    # the first two fit one region (150 + 8 margin wide, 108 high: 8 bytes a pixel); the third
+    # would widen it to 208 x 108 > 220 x 120? no: 208*108 < 26400, so it joins; the last, far away
+    # and larger than the budget, stands alone
+    assert groups == [((0, 0, 200 + REGION_MARGIN, 100 + REGION_MARGIN), [0, 1, 2]),
+                      ((0, 900 - REGION_MARGIN, 400 + REGION_MARGIN, 400 + REGION_MARGIN), [3])]
+    tight = region_groups(windows[:3], 1000, 1300, max_bytes=8 * 160 * 110)
+    assert [members for _, members in tight] == [[0, 1], [2]]
+    assert tight[1][0] == (100 - REGION_MARGIN, 0, 100 + 2 * REGION_MARGIN, 100 + REGION_MARGIN)
+    assert region_groups([], 10, 10) == []
+
+
+def test_windows_shrunk_past_1_5x_are_read_directly_where_gdal_may_pick_an_overview():
+    from harma.geo.reader import region_readable
+
+    assert region_readable((0, 0, 256, 256), 224) and region_readable((0, 0, 256, 256), 512)
+    assert not region_readable((0, 0, 384, 384), 224) and not region_readable((0, 0, 1024, 1024), 224)

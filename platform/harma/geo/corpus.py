@@ -6,8 +6,9 @@ a Ray Data stream of model-sized RGB tiles with their footprints.
 
 Two kinds of task spread the archive over the cluster: one per scene reads its header (CRS, grid,
 time: a few KiB by range) and cuts its tiling plan into units of `geo.windows_per_task` windows;
-one per unit opens the scene and reads only its windows (`harma.geo.reader.read_tile`), so no
-task holds more than one tile's pixels at a time and a scene of any size is never decoded whole.
+one per unit opens the scene and reads only its windows (`harma.geo.reader.read_tiles`: the
+region around a run of windows in one request, at most REGION_MAX_BYTES of it, each window then
+resampled from it), so a scene of any size is never decoded whole.
 A scene that cannot be read comes out as one row with its reason (`status`), a tile mostly
 nodata as a row with status `nodata`; the index build counts both and lists the scenes.
 """
@@ -25,7 +26,8 @@ from harma.geo.radiometry import PRESETS
 
 SCENE_EXTENSIONS = (".tif", ".tiff")
 HEADER_CPUS = 0.1  # a header read is a few small range requests
-TILE_CPUS = 0.5  # reading, resampling and mapping a unit's windows
+TILE_CPUS = 1.0  # reading, resampling and mapping a unit's windows: CPU-bound (GDAL's resampling); at 0.5
+# two ran per core and delivered less (benchmarks/geo_tiles.py, 2 cores: 316 against 507 tiles/s)
 
 
 def _stem(uri: str) -> str:
@@ -116,7 +118,7 @@ def read_unit(batch: dict[str, np.ndarray], geo: dict, image_size: int) -> Itera
     import rasterio
     from affine import Affine
 
-    from harma.geo.reader import read_tile, scene_env
+    from harma.geo.reader import read_tiles, scene_env
     from harma.geo.tiling import footprints
 
     preset = PRESETS[geo["preset"]]
@@ -131,8 +133,8 @@ def read_unit(batch: dict[str, np.ndarray], geo: dict, image_size: int) -> Itera
         try:
             with scene_env(), rasterio.open(uri) as ds:  # one environment: no new AWS session per call
                 polygons = footprints(Affine(*info["transform"]), info["crs"], windows)
-                for window, poly in zip(windows, polygons, strict=True):
-                    pixels, nodata = read_tile(ds, window, image_size, preset)
+                tiles = read_tiles(ds, windows, image_size, preset)
+                for window, poly, (pixels, nodata) in zip(windows, polygons, tiles, strict=True):
                     status = "nodata" if nodata > geo["max_nodata_fraction"] else "ok"
                     c = poly.centroid
                     rows.append({"pixels": pixels, "id": f"{scene}/{window[0]}_{window[1]}", "source": uri,

@@ -128,14 +128,126 @@ def read_header(uri: str, preset: RadiometricPreset) -> SceneHeader:
 def read_tile(ds, window: Window, out_size: int, preset: RadiometricPreset) -> tuple[np.ndarray, float]:
     """(uint8 (3, out_size, out_size) RGB by the preset, nodata fraction) of one window of an open
     dataset; the window is resampled (bilinear; GDAL reads from the overviews when they suit)."""
+    return _resampled_tile(ds, window, out_size, preset)
+
+
+REGION_MAX_BYTES = 64 * 2**20  # native pixels (R, G, B and mask) one region read may hold
+REGION_MAX_FACTOR = 1.5  # downsampling below which GDAL reads the full resolution, never an overview
+REGION_MARGIN = 8  # pixels kept around a region: the bilinear kernel's reach past a window's edge
+
+
+def region_readable(window: Window, out_size: int) -> bool:
+    """Whether `read_tiles` may read the window from a region copy and give read_tile's pixels
+    exactly: GDAL picks an overview (which a copy lacks) only from a 2x reduction on (1.67x for the
+    nearest-neighbour mask read, by its 1.2 oversampling threshold), so under 1.5x it always
+    resamples the full-resolution pixels, which the copy holds."""
+    return max(window[2], window[3]) / out_size < REGION_MAX_FACTOR
+
+
+def region_groups(windows: list[Window], width: int, height: int, max_bytes: int = REGION_MAX_BYTES,
+                  bytes_per_pixel: int = 8) -> list[tuple[Window, list[int]]]:
+    """Consecutive windows gathered into regions (their bounding box plus REGION_MARGIN, clipped to
+    the scene) of at most `max_bytes` native pixels each: [(region, indexes of its windows)]. A
+    window larger than the budget alone is a region of its own."""
+    groups: list[tuple[Window, list[int]]] = []
+    box: list[int] | None = None
+    members: list[int] = []
+
+    def padded(b: list[int]) -> Window:
+        c0, r0 = max(0, b[0] - REGION_MARGIN), max(0, b[1] - REGION_MARGIN)
+        c1, r1 = min(width, b[2] + REGION_MARGIN), min(height, b[3] + REGION_MARGIN)
+        return (c0, r0, c1 - c0, r1 - r0)
+
+    for i, (col, row, w, h) in enumerate(windows):
+        grown = [col, row, col + w, row + h] if box is None else \
+            [min(box[0], col), min(box[1], row), max(box[2], col + w), max(box[3], row + h)]
+        region = padded(grown)
+        if box is not None and region[2] * region[3] * bytes_per_pixel > max_bytes:
+            groups.append((padded(box), members))
+            grown, members = [col, row, col + w, row + h], []
+        box = grown
+        members.append(i)
+    if box is not None:
+        groups.append((padded(box), members))
+    return groups
+
+
+def _region_masking(ds, preset: RadiometricPreset) -> tuple[str, float | None] | None:
+    """How a region copy must mask its R, G, B bands for GDAL to resample them as it does the
+    scene's (it leaves masked pixels out of the kernel): ("none" | "nodata" | "mask", nodata value),
+    or None where the bands mask differently from each other (then read_tiles reads directly)."""
+    from rasterio.enums import MaskFlags
+
+    flags = {tuple(sorted(f.value for f in ds.mask_flag_enums[b - 1])) for b in preset.rgb_bands}
+    values = {ds.nodatavals[b - 1] for b in preset.rgb_bands}
+    if len(flags) != 1:
+        return None
+    (kind,) = flags
+    if kind == (MaskFlags.all_valid.value,):
+        return "none", None
+    if kind == (MaskFlags.nodata.value,) and len(values) == 1:
+        return "nodata", values.pop()
+    if MaskFlags.per_dataset.value in kind:
+        return "mask", None
+    return None
+
+
+def read_tiles(ds, windows: list[Window], out_size: int, preset: RadiometricPreset,
+               max_region_bytes: int = REGION_MAX_BYTES) -> Iterator[tuple[np.ndarray, float]]:
+    """read_tile of every window of an open dataset, in order, with the same pixels. Runs of
+    windows that GDAL reads at full resolution (`region_readable`) come from region copies: each
+    region's native R, G, B and mask are read in one request (GDAL fetches the COG tiles it covers
+    together, and decodes each once however many overlapping windows share it) into an in-memory
+    GDAL dataset masked as the scene is, from which every window is resampled by the same GDAL
+    code as read_tile. A region holds at most `max_region_bytes` of native pixels."""
+    masking = _region_masking(ds, preset)
+    start = 0
+    while start < len(windows):
+        if masking is None or not region_readable(windows[start], out_size):
+            yield read_tile(ds, windows[start], out_size, preset)
+            start += 1
+            continue
+        end = start
+        while end < len(windows) and region_readable(windows[end], out_size):
+            end += 1
+        run = windows[start:end]
+        for region, members in region_groups(run, ds.width, ds.height, max_region_bytes):
+            yield from _tiles_of_region(ds, region, [run[i] for i in members], out_size, preset, masking)
+        start = end
+
+
+def _tiles_of_region(ds, region: Window, windows: list[Window], out_size: int, preset: RadiometricPreset,
+                     masking: tuple[str, float | None]) -> Iterator[tuple[np.ndarray, float]]:
+    import rasterio
+    from rasterio.windows import Window as RioWindow
+
+    col0, row0, width, height = region
+    native = RioWindow(*region)
+    kind, nodata = masking
+    bands = ds.read(list(preset.rgb_bands), window=native)
+    with rasterio.open("/vsimem/harma-region", "w+", driver="MEM", width=width, height=height, count=4,
+                       dtype=bands.dtype, nodata=nodata if kind == "nodata" else None) as mem:
+        mem.write(bands, indexes=[1, 2, 3])
+        del bands
+        if kind == "mask":
+            mem.write_mask(ds.read_masks(preset.rgb_bands[0], window=native))
+        mem.write(ds.read_masks(1, window=native).astype(mem.dtypes[0]), indexes=4)  # read_tile's mask
+        for col, row, w, h in windows:
+            yield _resampled_tile(mem, (col - col0, row - row0, w, h), out_size, preset, mask_band=4)
+
+
+def _resampled_tile(ds, window: Window, out_size: int, preset: RadiometricPreset,
+                    mask_band: int | None = None) -> tuple[np.ndarray, float]:
     from rasterio.enums import Resampling
     from rasterio.windows import Window as RioWindow
 
-    col, row, w, h = window
-    win = RioWindow(col, row, w, h)
-    dn = ds.read(list(preset.rgb_bands), window=win, out_shape=(3, out_size, out_size),
-                 resampling=Resampling.bilinear)
-    mask = ds.read_masks(1, window=win, out_shape=(out_size, out_size), resampling=Resampling.nearest)
+    win = RioWindow(*window)
+    bands = [1, 2, 3] if mask_band else list(preset.rgb_bands)
+    dn = ds.read(bands, window=win, out_shape=(3, out_size, out_size), resampling=Resampling.bilinear)
+    if mask_band:
+        mask = ds.read(mask_band, window=win, out_shape=(out_size, out_size), resampling=Resampling.nearest)
+    else:
+        mask = ds.read_masks(1, window=win, out_shape=(out_size, out_size), resampling=Resampling.nearest)
     valid = mask > 0
     return to_rgb8(dn, preset, valid), float(1.0 - valid.mean())
 
