@@ -187,9 +187,9 @@ def _region_masking(ds, preset: RadiometricPreset) -> tuple[str, float | None] |
         return "none", None
     if kind == (MaskFlags.nodata.value,) and len(values) == 1:
         return "nodata", values.pop()
-    if MaskFlags.per_dataset.value in kind:
+    if kind == (MaskFlags.per_dataset.value,):
         return "mask", None
-    return None
+    return None  # an alpha band (weights, not a binary mask) or a per-band mask: read directly
 
 
 def read_tiles(ds, windows: list[Window], out_size: int, preset: RadiometricPreset,
