@@ -3,7 +3,8 @@ run a command as a user does (a subprocess against the shared cluster)."""
 
 import re
 
-HARMA_LOG_LINE = r"^\d\d:\d\d:\d\d "  # harma's console format (harma.cli._setup_logging)
+# harma's console format (harma.cli._setup_logging): the time, then a message, which may be indented
+HARMA_LOG_LINE = r"^\d\d:\d\d:\d\d +\S"
 
 
 def foreign_lines(output: str, summary_lines: tuple[str, ...]) -> list[str]:

@@ -53,7 +53,8 @@ def test_train_eval_index_serve_chain_from_the_shipped_files_on_s3(ray_cluster, 
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     printed = proc.stdout + proc.stderr
-    assert foreign_lines(printed, SUMMARY_LINES) == []
+    foreign = foreign_lines(printed, SUMMARY_LINES)
+    assert foreign == [], "\n".join(foreign)
     harma = harma_lines(printed)
     assert sum("[harma] step " in line for line in harma) >= 4  # the workers' progress reached the console
     assert sum("[harma] epoch " in line and "val mR" in line for line in harma) == 2

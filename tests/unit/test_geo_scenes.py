@@ -298,9 +298,8 @@ def test_region_groups_keep_order_stay_within_budget_and_pad_inside_the_scene():
 
     windows = [(0, 0, 100, 100), (50, 0, 100, 100), (100, 0, 100, 100), (0, 900, 400, 400)]
     groups = region_groups(windows, 1000, 1300, max_bytes=8 * 220 * 120)
-    # the first two fit one region (150 + 8 margin wide, 108 high: 8 bytes a pixel); the third
-    # would widen it to 208 x 108 > 220 x 120? no: 208*108 < 26400, so it joins; the last, far away
-    # and larger than the budget, stands alone
+    # 8 bytes a pixel: the first three fit one region (200 + 8 margin wide, 108 high, under
+    # 220 x 120); the last, 408 x 408 with its margins, is over the budget and stands alone
     assert groups == [((0, 0, 200 + REGION_MARGIN, 100 + REGION_MARGIN), [0, 1, 2]),
                       ((0, 900 - REGION_MARGIN, 400 + REGION_MARGIN, 400 + REGION_MARGIN), [3])]
     tight = region_groups(windows[:3], 1000, 1300, max_bytes=8 * 160 * 110)

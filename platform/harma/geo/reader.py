@@ -229,9 +229,10 @@ def _tiles_of_region(ds, region: Window, windows: list[Window], out_size: int, p
                        dtype=bands.dtype, nodata=nodata if kind == "nodata" else None) as mem:
         mem.write(bands, indexes=[1, 2, 3])
         del bands
-        if kind == "mask":
-            mem.write_mask(ds.read_masks(preset.rgb_bands[0], window=native))
-        mem.write(ds.read_masks(1, window=native).astype(mem.dtypes[0]), indexes=4)  # read_tile's mask
+        mask = ds.read_masks(1, window=native)  # read_tile's mask
+        if kind == "mask":  # a per-dataset mask: band 1's is every band's
+            mem.write_mask(mask)
+        mem.write(mask.astype(mem.dtypes[0]), indexes=4)
         for col, row, w, h in windows:
             yield _resampled_tile(mem, (col - col0, row - row0, w, h), out_size, preset, mask_band=4)
 
