@@ -4,7 +4,12 @@ The simulated cluster starts with one 2-CPU worker node; each Train worker asks 
 only one fits and the run (workers 1..2) starts on 1 worker. Once its first checkpoint is in
 storage, a second node joins; Train's resize monitor (every 3 s here) sees room for a second
 worker, restarts the group at 2 workers, and the train function resumes from that checkpoint.
-12 epochs: enough for the run to be still going when the resize happens (an epoch takes ~1 s).
+
+Train learns of the new node from Ray Data's AutoscalingCoordinator, whose view of the cluster is
+refreshed every 20 s (TICK_INTERVAL_S, Ray 2.60); a real cluster waits that long, but a short run at
+~1.5-3 s an epoch can end first (seen in CI: a 12-epoch run grew after its last step). So the scenario
+asks the coordinator for a fresh view once the node is up, as its next tick would, and 8 epochs leave
+the two workers most of the run.
 """
 
 import glob
@@ -15,6 +20,9 @@ import threading
 import time
 
 from ray.cluster_utils import Cluster
+from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+    get_or_create_autoscaling_coordinator,
+)
 
 import ray
 from harma.config import ModelConfig, PlatformConfig
@@ -33,7 +41,7 @@ def run() -> None:
                                         "adapter": {"rank": 16, "heads": 4, "mini_rank": 8, "mini_heads": 4}})
     cfg = PlatformConfig(model=model).with_overrides({
         "run.name": "grows", "run.output_dir": out, "data.prepared_uri": prepared,
-        "train.batch_size": 16, "train.epochs": 12, "train.workers.min": 1, "train.workers.max": 2,
+        "train.batch_size": 16, "train.epochs": 8, "train.workers.min": 1, "train.workers.max": 2,
         "train.workers.cpus_per_worker": 1.5, "train.workers.resize_interval_s": 3,
         "train.workers.max_failures": 3, "train.log_every": 4})
     try:
@@ -56,6 +64,8 @@ try:
         time.sleep(0.5)
     checkpoints_before = len(checkpoints())
     second_node = cluster.add_node(num_cpus=2)
+    # the coordinator's tick, now rather than up to 20 s later (the requester id is any: only the tick counts)
+    ray.get(get_or_create_autoscaling_coordinator().get_reserved_resources.remote("elastic_run", recompute=True))
     print(f"ADDED node after {checkpoints_before} checkpoint(s)", flush=True)
     worker.join(timeout=300)
     if "error" in outcome or "result" not in outcome:

@@ -648,10 +648,17 @@ def test_an_index_of_three_shards_answers_over_http_as_the_unsharded_one(service
         assert info["index"]["images"] == 40 and info["index"]["captions"] == full.caption_count
         assert info["index"]["shards"] == 3
         # A user_config swap to another index (here the unsharded one) is refused by the ingress,
-        # which keeps serving its shards and says why (the same reconfigure Serve calls).
-        handle = ray.serve.get_app_handle("sharded")
-        handle._init(_run_router_in_separate_loop=True)  # this process has no event loop of its own
-        handle.reconfigure.remote({"index_uri": service["index_all"]}).result()
+        # which keeps serving its shards and says why: the application deployed again as it was,
+        # but with the user_config (what `serve deploy` of an edited config does: a reconfigure).
+        from harma.serve.api import ServeArgs
+        from harma.serve.app import Retriever
+        from harma.serve.shard import IndexShard
+
+        args = ServeArgs.model_validate({"checkpoint_uri": service["a"], "index_uri": root, "max_top_k": 50})
+        same_shards = [IndexShard.options(name=f"IndexShard{i}").bind(
+            {"checkpoint_uri": service["a"], "index_uri": f"{root}/{s['uri']}"}) for i, s in enumerate(manifest["shards"])]
+        ray.serve.run(Retriever.options(user_config={"index_uri": service["index_all"]}).bind(
+            args.model_dump(), *same_shards), name="sharded", route_prefix="/sharded")
         info = requests.get(sharded + "v1/info", timeout=30).json()
         assert info["index_error"]["index_uri"] == service["index_all"]
         assert f"this application serves the 3 shards of {root}; another index is served by deploying" in \

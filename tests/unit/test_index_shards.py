@@ -115,7 +115,7 @@ def test_three_shards_of_a_scene_index_suppress_overlaps_as_the_whole_does():
     assert len(got[0]) == 5 and got[0] != _answers(whole, "images", emb, jobs, suppress=False)[0][:5]
 
 
-def test_an_ivf_index_is_made_from_the_actors_codes_and_its_shards_share_one_codec():
+def test_an_ivf_index_is_made_from_the_actors_codes_and_its_shards_share_one_codec(monkeypatch):
     """harma.serve.build._approximate without Ray: an embedded corpus with the actors' codes gives
     the index its codec makes from the vectors; without codes (a corpus too small for a sample
     pass) the driver trains and encodes; shards are slices of the one index (the same cells)."""
@@ -157,3 +157,15 @@ def test_an_ivf_index_is_made_from_the_actors_codes_and_its_shards_share_one_cod
     [driver] = _approximate(cfg, without, [(0, 3000)], manifest, lambda _: None)
     assert driver.ntotal == 3000 and manifest["ann"]["trained_on"] == "embedded corpus"
     assert manifest["ann"]["encoded_by"] == "driver" and manifest["ann"]["trained_rows"] == 500
+    # the driver encodes a chunk at a time into each slice's index: chunks of 700 rows cross the
+    # slice boundary at 1000, yet each shard holds what adding its own vectors gives, byte for byte
+    from harma.index import ann as ann_module
+    from harma.serve.build import SAMPLE_SEED
+
+    monkeypatch.setattr(ann_module, "ADD_CHUNK", 700)
+    chunked = _approximate(cfg, without, [(0, 1000), (1000, 3000)], {}, lambda _: None)
+    driver_codec = trained_codec(vectors, params, seed=SAMPLE_SEED)
+    for part, (first, end) in zip(chunked, [(0, 1000), (1000, 3000)], strict=True):
+        expected = faiss.clone_index(driver_codec)
+        expected.add(vectors[first:end])
+        assert ann_to_bytes(part) == ann_to_bytes(expected)

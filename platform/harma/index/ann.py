@@ -210,10 +210,18 @@ def build_ann(vectors: np.ndarray, params: AnnParams, seed: int = 0,
         index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
     else:
         index = trained_codec(vectors, params, seed, progress)
+    return add_vectors(index, vectors, progress, label=f"ANN {params.kind}")
+
+
+def add_vectors(index: faiss.Index, vectors: np.ndarray, progress: Callable[[str], None] = lambda _: None,
+                label: str = "ANN") -> faiss.Index:
+    """`index` (trained, or an HNSW graph) with float32 `vectors` added in chunks of ADD_CHUNK, rows
+    following on; progress after each chunk when there is more than one."""
+    n = len(vectors)
     for start in range(0, n, ADD_CHUNK):
         index.add(np.ascontiguousarray(vectors[start:start + ADD_CHUNK], dtype=np.float32))
         if n > ADD_CHUNK:
-            progress(f"  ANN {params.kind}: added {min(n, start + ADD_CHUNK)}/{n}")
+            progress(f"  {label}: added {min(n, start + ADD_CHUNK)}/{n}")
     return index
 
 

@@ -125,25 +125,21 @@ def drop_flags(index_ids: list[str], scenes_of_rows: list[str] | None, ids: list
 # --- the ANN structure ---------------------------------------------------------------------------
 def added_ann(parent_ann, new_vectors: np.ndarray):
     """The parent's FAISS index (deserialised: a copy) with `new_vectors` appended (rows follow on)."""
-    from harma.index.ann import ADD_CHUNK
+    from harma.index.ann import add_vectors
 
-    for start in range(0, len(new_vectors), ADD_CHUNK):
-        parent_ann.add(np.ascontiguousarray(new_vectors[start:start + ADD_CHUNK], dtype=np.float32))
-    return parent_ann
+    return add_vectors(parent_ann, new_vectors)
 
 
 def kept_ann(parent_ann, params, vectors: np.ndarray, progress=log.info):
     """A FAISS index over the kept `vectors`: an IVF index's trained cells (and PQ codebooks) reused
     with its lists emptied and refilled; an HNSW graph built again."""
-    from harma.index.ann import ADD_CHUNK, build_ann
+    from harma.index.ann import add_vectors, build_ann
 
     if params.kind == "hnsw":
         progress(f"  HNSW cannot remove vectors: building its graph again over {len(vectors)}")
         return build_ann(vectors, params, progress=progress)
     parent_ann.reset()  # the inverted lists only: the quantiser and codebooks stay trained
-    for start in range(0, len(vectors), ADD_CHUNK):
-        parent_ann.add(np.ascontiguousarray(vectors[start:start + ADD_CHUNK], dtype=np.float32))
-    return parent_ann
+    return add_vectors(parent_ann, vectors, progress, label=f"ANN {params.kind} refilled")
 
 
 def _codec_of(parent_ann, manifest: dict):

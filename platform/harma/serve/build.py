@@ -294,6 +294,7 @@ def _approximate(cfg: IndexConfig, corpus: EmbeddedCorpus, slices: list[tuple[in
     corpus embedded without them, codes made here after training on the embedded vectors."""
     from harma.index.ann import (
         ADD_CHUNK,
+        append_codes,
         build_ann,
         encode,
         encoded_by_codes,
@@ -311,14 +312,19 @@ def _approximate(cfg: IndexConfig, corpus: EmbeddedCorpus, slices: list[tuple[in
         parts = [build_ann(vectors[first:end], params, progress=progress) for first, end in slices]
     else:
         codec, codes = corpus.codec, corpus.codes
-        if codes is None:
+        if codes is None:  # encoded here, a chunk at a time, each chunk's codes appended to its slice's index
             codec = trained_codec(vectors, params, seed=SAMPLE_SEED, progress=progress)
-            codes = np.concatenate([encode(codec, vectors[i:i + ADD_CHUNK]) for i in range(0, len(vectors), ADD_CHUNK)])
+            parts = [filled(codec, np.zeros((0, codec.sa_code_size()), np.uint8)) for _ in slices]
+            for part, (first, end) in zip(parts, slices, strict=True):
+                for start in range(first, end, ADD_CHUNK):
+                    append_codes(part, encode(codec, vectors[start:min(end, start + ADD_CHUNK)]))
+                if end - first > ADD_CHUNK:
+                    progress(f"  ANN {params.kind}: encoded and appended rows {first}..{end}")
             manifest["ann"].update(trained_on="embedded corpus", trained_rows=min(len(vectors), params.train_rows),
                                    encoded_by="driver")
         else:
             manifest["ann"].update(corpus.ann or {"trained_on": "index version", "encoded_by": "embedding actors"})
-        parts = [filled(codec, codes[first:end], progress) for first, end in slices]
+            parts = [filled(codec, codes[first:end], progress) for first, end in slices]
     manifest["ann"]["build_seconds"] = round(time.perf_counter() - started, 2)
     progress(f"  ANN {params.kind} over {len(vectors)} images in {manifest['ann']['build_seconds']} s"
              f"{' (codes from the embedding actors)' if corpus.codes is not None else ''}")

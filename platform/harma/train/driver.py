@@ -246,7 +246,9 @@ def fit(cfg: PlatformConfig, callbacks: list | None = None, evaluate_test: bool 
         test=test, steps=summary.get("steps", final_meta.get("step", 0)),
         world_size=summary.get("world_size", final_meta.get("world_size", 0)),
         nodes=summary.get("nodes", []),
-        restarts=final_meta.get("restarts", []), bad_images=sorted(set(final_meta.get("bad_images", []))),
+        # the last group's own record first: a group that restarted after the last checkpoint (a resize
+        # or a failure with nothing left to train) wrote no checkpoint that lists its restart
+        restarts=summary.get("restarts", final_meta.get("restarts", [])), bad_images=sorted(set(final_meta.get("bad_images", []))),
         seconds=time.perf_counter() - t0, report_dir=storage.join(run_dir, "report"),
         loop_seconds=summary.get("loop_seconds", 0.0), pairs_per_worker=summary.get("pairs_per_worker", 0),
         input_wait_seconds=summary.get("input_wait_seconds", 0.0), device=summary.get("device", ""),
