@@ -11,9 +11,9 @@ tests' `weed mini`; or the store `AWS_ENDPOINT_URL` names). Bare: one process, o
 over the scenes' windows, each read with read_tile (run before and after the pipeline, the faster
 kept); and the same loop in a process per core, the units dealt out (on a machine whose store runs
 on the same cores, one bare process has the store's CPU to itself, which the pipeline does not).
-Pipeline: harma.geo.corpus.tile_dataset (a header task per scene, a read task per unit of
-windows, each unit read by regions: harma.geo.reader.read_tiles) on every core of a local Ray; its
-rate is divided by the cores. Every tile's pixels must be bare's, byte for byte (crc32 compared).
+Pipeline: harma.geo.corpus.tile_dataset (header tasks plan the units before the stream starts,
+then a read task per unit of windows, each unit read by regions: harma.geo.reader.read_tiles) on
+every core of a local Ray, the header reads included in its time; its rate is divided by the cores. Every tile's pixels must be bare's, byte for byte (crc32 compared).
 Target: pipeline per core >= 0.8 x bare. Memory: `harma index build` (harma-tiny, random weights) over one
 scene of `--big-size` pixels a side (4 uint16 bands: 12,000 px decode to 1.07 GiB), the resident
 memory (RSS, shared object-store pages it touched included) of every Ray worker process sampled
@@ -128,7 +128,7 @@ def build_peak_rss(stac: str, workdir: str) -> dict:
     def role(cmd: str) -> str:  # a worker process's title names the task or actor it runs
         if "ImageEmbedder" in cmd:
             return "embedding actor"
-        return "scene reader" if ("read_unit" in cmd or "plan_scene" in cmd) else "other"
+        return "scene reader" if ("read_unit" in cmd or "_units_of" in cmd) else "other"
 
     def sample() -> None:
         while not stop.is_set():

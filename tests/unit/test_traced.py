@@ -91,3 +91,21 @@ def test_a_refused_trace_leaves_that_tower_eager_and_says_why(tiny_checkpoint, m
     assert enc.towers == {"text": "eager", "image": "traced"}
     assert "text tower stays eager: encode_text: traced and eager outputs differ" in caplog.text
     assert enc.encode_texts(["a river"]).shape == (1, enc.embed_dim)
+
+
+def test_an_embedding_actor_traces_only_the_tower_it_uses_and_reads_read_only_pixels(tiny_checkpoint, recwarn):
+    from harma.serve.encoder import QueryEncoder
+
+    images_only = QueryEncoder(tiny_checkpoint, "cpu", traced=("image",))
+    assert images_only.towers == {"text": "eager", "image": "traced"}
+    assert QueryEncoder(tiny_checkpoint, "cpu", traced=("text",)).towers == {"text": "traced", "image": "eager"}
+    with pytest.raises(ValueError, match=r"traced names towers 'text' and 'image', not \['images'\]"):
+        QueryEncoder(tiny_checkpoint, "cpu", traced=("images",))
+    pixels = np.random.default_rng(2).integers(0, 256, (3, 3, images_only.image_size, images_only.image_size),
+                                               dtype=np.uint8)
+    frozen = pixels.copy()
+    frozen.flags.writeable = False  # a Ray Data block's pixels, zero-copy
+    recwarn.clear()
+    got = images_only.encode_pixels(frozen)
+    assert not [w for w in recwarn if "not writable" in str(w.message)]
+    assert torch.equal(got, images_only.encode_pixels(pixels)) and np.array_equal(frozen, pixels)

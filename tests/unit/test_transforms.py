@@ -71,3 +71,17 @@ def test_uint8_pixels_normalised_on_the_device_equal_the_float_path():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 96, 3), dtype=np.uint8))
     via_uint8 = normalize_pixels(torch.from_numpy(eval_uint8(img, 48)[None]))[0].numpy()
     np.testing.assert_allclose(via_uint8, eval_transform(img, 48), rtol=1e-5, atol=1e-5)
+
+
+def test_in_place_normalisation_is_the_formula_bit_for_bit_and_leaves_its_input_alone():
+    import torch
+
+    from harma.data.transforms import CLIP_MEAN, CLIP_STD, normalize_pixels
+
+    pixels = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (4, 3, 16, 16), dtype=np.uint8))
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    assert torch.equal(normalize_pixels(pixels), (pixels.float() / 255.0 - mean) / std)
+    floats = pixels.float()
+    kept = floats.clone()
+    normalize_pixels(floats)  # a float input is copied, not normalised in place under the caller
+    assert torch.equal(floats, kept)

@@ -51,12 +51,15 @@ def eval_uint8(img: Image.Image, size: int) -> np.ndarray:
 
 
 def normalize_pixels(pixels):
-    """(B, 3, H, W) uint8 torch tensor -> float32 CLIP-normalised, on the tensor's device."""
+    """(B, 3, H, W) uint8 torch tensor -> float32 CLIP-normalised, on the tensor's device.
+
+    In place on the one float copy: `(x / 255 - mean) / std` bit for bit, without the two float
+    temporaries the out-of-place form holds at once (77 MiB for 64 tiles of 224 px)."""
     import torch
 
     mean = torch.tensor(CLIP_MEAN, device=pixels.device).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, device=pixels.device).view(1, 3, 1, 1)
-    return (pixels.float() / 255.0 - mean) / std
+    return pixels.to(torch.float32, copy=True).div_(255.0).sub_(mean).div_(std)  # never the caller's tensor
 
 
 def random_resized_crop(img: Image.Image, size: int, scale_min: float, rng: random.Random) -> Image.Image:

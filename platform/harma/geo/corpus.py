@@ -4,11 +4,15 @@ a Ray Data stream of model-sized RGB tiles with their footprints.
     scenes, bad = list_scenes("s3://bucket/archive/stac/items.json")
     ds = tile_dataset(scenes, cfg.geo, image_size=224)     # rows: pixels, id, scene, geometry, ...
 
-Two kinds of task spread the archive over the cluster: one per scene reads its header (CRS, grid,
-time: a few KiB by range) and cuts its tiling plan into units of `geo.windows_per_task` windows;
-one per unit opens the scene and reads only its windows (`harma.geo.reader.read_tiles`: the
-region around a run of windows in one request, at most REGION_MAX_BYTES of it, each window then
-resampled from it), so a scene of any size is never decoded whole.
+Two kinds of task spread the archive over the cluster. Before the stream starts, Ray tasks of
+HEADERS_PER_TASK scenes each read the headers (CRS, grid, time: a few KiB by range) and cut each
+scene's tiling plan into units of `geo.windows_per_task` windows (`plan_units`). The stream is then
+one Ray Data operator over those units: a task per unit opens the scene and reads only its windows
+(`harma.geo.reader.read_tiles`: the region around a run of windows in one request, at most
+REGION_MAX_BYTES of it, each window then resampled from it), so a scene of any size is never
+decoded whole. (The plan was a Ray Data operator of its own, followed by a repartition into one
+unit a block; that all-to-all step held back the reads: one read task ran for the first ~0.9 s on
+2 cores.)
 A scene that cannot be read comes out as one row with its reason (`status`), a tile mostly
 nodata as a row with status `nodata`; the index build counts both and lists the scenes.
 """
@@ -180,21 +184,29 @@ def _tile_rows(rows: list[dict]) -> dict[str, np.ndarray]:
     return out
 
 
-def _scene_units(scenes: list[dict], geo: dict, image_size: int):
-    import ray
-
-    ds = ray.data.from_items(scenes, override_num_blocks=max(1, len(scenes)))
-    return ds.map_batches(plan_scene, fn_kwargs={"geo": geo, "image_size": image_size}, batch_size=1,
-                          batch_format="numpy", num_cpus=HEADER_CPUS)
+HEADERS_PER_TASK = 32  # scenes whose headers one planning (or counting) task reads
+UNIT_KEYS = ("uri", "scene", "datetime", "header", "windows", "error")
 
 
-HEADERS_PER_TASK = 32  # scenes whose headers one counting task reads
+def _units_of(scenes: list[dict], geo: dict, image_size: int) -> list[dict]:
+    batch = {k: np.array([s.get(k) or "" for s in scenes], dtype=object) for k in ("uri", "scene", "datetime")}
+    return [{k: str(unit[k][0]) for k in UNIT_KEYS} for unit in plan_scene(batch, geo, image_size)]
 
 
 def _tiles_of(scenes: list[dict], geo: dict, image_size: int) -> int:
-    batch = {k: np.array([s.get(k) or "" for s in scenes], dtype=object) for k in ("uri", "scene", "datetime")}
-    units = plan_scene(batch, geo, image_size)
-    return sum(len(json.loads(str(unit["windows"][0]))) for unit in units)
+    return sum(len(json.loads(unit["windows"])) for unit in _units_of(scenes, geo, image_size))
+
+
+def plan_units(scenes: list[dict], geo: dict, image_size: int) -> list[dict]:
+    """The scenes' read units in scene order ({uri, scene, datetime, header, windows, error}, strings;
+    a scene that cannot be read is one unit carrying its reason), from their headers read by Ray
+    tasks of HEADERS_PER_TASK scenes each."""
+    import ray
+
+    task = ray.remote(num_cpus=HEADER_CPUS)(_units_of)
+    parts = ray.get([task.remote(scenes[i:i + HEADERS_PER_TASK], geo, image_size)
+                     for i in range(0, len(scenes), HEADERS_PER_TASK)])
+    return [unit for part in parts for unit in part]
 
 
 def count_tiles(scenes: list[dict], geo: dict, image_size: int) -> int:
@@ -230,10 +242,12 @@ def sample_windows(batch: dict[str, np.ndarray], fraction: float, seed: int = 0)
 def tile_dataset(scenes: list[dict], geo: dict, image_size: int, sample_fraction: float | None = None):
     """Ray Data stream of the scenes' tiles (`read_unit` rows), spread over the cluster; with
     `sample_fraction`, of a seeded random share of each scene's tiles (`sample_windows`)."""
-    units = _scene_units(scenes, geo, image_size)
-    if sample_fraction is not None and sample_fraction < 1:
-        units = units.map_batches(sample_windows, fn_kwargs={"fraction": sample_fraction}, batch_size=None,
-                                  batch_format="numpy", num_cpus=HEADER_CPUS)
-    units = units.repartition(target_num_rows_per_block=1)  # a task per unit, not per scene
-    return units.map_batches(read_unit, fn_kwargs={"geo": geo, "image_size": image_size}, batch_size=1,
-                             batch_format="numpy", num_cpus=TILE_CPUS)
+    import ray
+
+    units = plan_units(scenes, geo, image_size)
+    if sample_fraction is not None and sample_fraction < 1 and units:
+        kept = sample_windows({k: np.array([u[k] for u in units], dtype=object) for k in UNIT_KEYS}, sample_fraction)
+        units = [{k: str(kept[k][i]) for k in UNIT_KEYS} for i in range(len(kept["uri"]))]
+    ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))  # a block, and a read task, per unit
+    return ds.map_batches(read_unit, fn_kwargs={"geo": geo, "image_size": image_size}, batch_size=1,
+                          batch_format="numpy", num_cpus=TILE_CPUS)

@@ -53,7 +53,7 @@ class ImageEmbedder:
         from harma.serve.encoder import ModelThread, QueryEncoder
 
         self.model_thread = ModelThread()  # __call__ runs on another thread than __init__
-        self.encoder = self.model_thread.call(QueryEncoder, checkpoint_uri, device, trace, precision)
+        self.encoder = self.model_thread.call(QueryEncoder, checkpoint_uri, device, trace, precision, ("image",))
         self.thumbnail_size = thumbnail_size
         self.actor_id = ray.get_runtime_context().get_actor_id()  # the build reports how many embedded
         self.codec = None  # a trained, empty IVF index (its bytes, or their object ref): rows get their codes
@@ -97,7 +97,9 @@ class ImageEmbedder:
         if pixels.shape[-1] != self.encoder.image_size:
             raise ValueError(f"tiles of {pixels.shape[-1]} px for a model of {self.encoder.image_size} px")
         emb = np.zeros((len(ok), self.encoder.embed_dim), np.float32)
-        if ok.any():
+        if ok.all():  # the usual case: the block's pixels as they are (a boolean index would copy them)
+            emb[:] = self.model_thread.call(self._embed_pixels, pixels)
+        elif ok.any():
             emb[ok] = self.model_thread.call(self._embed_pixels, np.ascontiguousarray(pixels[ok]))
         thumbs = [_thumbnail(Image.fromarray(p.transpose(1, 2, 0)), self.thumbnail_size)
                   if good and self.thumbnail_size else b"" for p, good in zip(pixels, ok, strict=True)]
@@ -128,7 +130,7 @@ class TextEmbedder:
         from harma.serve.encoder import ModelThread, QueryEncoder
 
         self.model_thread = ModelThread()
-        self.encoder = self.model_thread.call(QueryEncoder, checkpoint_uri, device, trace, precision)
+        self.encoder = self.model_thread.call(QueryEncoder, checkpoint_uri, device, trace, precision, ("text",))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         emb = self.model_thread.call(self._embed_texts, [str(c) for c in batch["caption"]])

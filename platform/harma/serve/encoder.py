@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import logging
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -89,12 +90,14 @@ def decode_query_image(data: bytes, size: int) -> np.ndarray:
 class QueryEncoder:
     """Text and image embeddings (L2-normalised, float32) from a checkpoint.
 
-    With `trace=True` (the default) both towers run as TorchScript graphs checked against the
-    eager model (see harma.serve.traced); `towers` says which form each tower runs in.
+    With `trace=True` (the default) the towers named in `traced` (both unless told) run as
+    TorchScript graphs checked against the eager model (see harma.serve.traced); `towers` says which
+    form each tower runs in. An index build's embedding actor uses one tower and traces only that one
+    (a traced graph costs its memory and start-up whether it is used or not).
     """
 
     def __init__(self, checkpoint_uri: str, device: str = "auto", trace: bool = True,
-                 precision: str = "validated"):
+                 precision: str = "validated", traced: tuple[str, ...] = ("text", "image")):
         from harma.model.backbone import build_tokenizer
         from harma.model.checkpoint import load_checkpoint
 
@@ -113,10 +116,13 @@ class QueryEncoder:
         self._dtype = next(model.parameters()).dtype
         self._text: Tower = self.model.encode_text
         self._image: Tower = self.model.encode_image
+        unknown = set(traced) - {"text", "image"}
+        if unknown:
+            raise ValueError(f"traced names towers 'text' and 'image', not {sorted(unknown)}")
         if trace:
-            self._trace_towers()
+            self._trace_towers(traced)
 
-    def _trace_towers(self) -> None:
+    def _trace_towers(self, traced: tuple[str, ...]) -> None:
         # bf16 rounding, or CUDA kernels chosen differently for the graph, move scores a little more.
         atol = 2e-2 if self._dtype != torch.float32 else 1e-3 if self.device.type == "cuda" else 1e-4
         texts = ["a", "two bridges over a river next to farmland", "many planes parked near a large terminal"]
@@ -127,6 +133,8 @@ class QueryEncoder:
             ("text", "encode_text", tokens[1:], [tokens[:1], tokens]),
             ("image", "encode_image", pixels[1:], [pixels[:1], pixels]),
         ):
+            if kind not in traced:
+                continue
             graph, why = trace_tower(self.model, method, example, probes, atol)
             if graph is None:
                 log.warning("%s tower stays eager: %s", kind, why)
@@ -153,6 +161,10 @@ class QueryEncoder:
 
     @torch.inference_mode()
     def encode_pixels(self, pixels: np.ndarray) -> torch.Tensor:
-        """(B, 3, S, S) uint8 -> (B, D) float32 embeddings on the device."""
-        batch = normalize_pixels(torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device))
+        """(B, 3, S, S) uint8 -> (B, D) float32 embeddings on the device. `pixels` may be read-only
+        (a Ray Data block's, zero-copy): it is only read, into normalize_pixels' float copy."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            view = torch.from_numpy(np.ascontiguousarray(pixels))
+        batch = normalize_pixels(view.to(self.device))
         return self._image(batch.to(self._dtype)).float()
