@@ -7,6 +7,7 @@ from harma.serve import ingress
 from harma.serve.ingress import (
     DRAIN_VAR,
     HAPROXY_FLAG,
+    PATH_VARS,
     PORT_VARS,
     RETRY_ON,
     RETRY_VAR,
@@ -37,6 +38,15 @@ def test_unset_environment_gets_haproxy_same_loop_and_free_ports():
     for port in ports:  # free when picked: HAProxy can bind them
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", port))
+    # its files in a folder of this cluster's, not Ray's shared /tmp/haproxy-serve
+    folder = env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"]
+    assert os.path.isdir(folder) and not folder.startswith("/tmp/haproxy-serve")
+    assert env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"] == os.path.join(folder, "haproxy.cfg")
+    assert env["RAY_SERVE_HAPROXY_SOCKET_PATH"] == os.path.join(folder, "admin.sock")
+    assert len(env["RAY_SERVE_HAPROXY_SOCKET_PATH"].encode()) < 108
+    other: dict[str, str] = {}
+    ensure_fast_ingress(other)  # a second local cluster on the host
+    assert {other[var] for var in PATH_VARS}.isdisjoint({env[var] for var in PATH_VARS})
 
 
 def test_the_users_choices_are_kept():
@@ -48,10 +58,13 @@ def test_the_users_choices_are_kept():
     assert ensure_fast_ingress(env) == "proxy"
     assert env == {HAPROXY_FLAG: "0"}  # the same-loop setting goes with HAProxy only
 
-    env = {HAPROXY_FLAG: "1", PORT_VARS[0]: "18404", RETRY_VAR: "conn-failure"}
+    env = {HAPROXY_FLAG: "1", PORT_VARS[0]: "18404", RETRY_VAR: "conn-failure",
+           "RAY_SERVE_HAPROXY_SOCKET_PATH": "/run/haproxy/admin.sock"}
     assert ensure_fast_ingress(env) == "haproxy"
     assert env[PORT_VARS[0]] == "18404" and env[PORT_VARS[1]].isdigit()
     assert env[RETRY_VAR] == "conn-failure"
+    assert env["RAY_SERVE_HAPROXY_SOCKET_PATH"] == "/run/haproxy/admin.sock"  # the user's paths left alone
+    assert "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC" not in env
 
 
 def test_without_an_haproxy_binary_serve_keeps_its_python_proxy(monkeypatch):

@@ -15,6 +15,9 @@ environment of the process that starts the Ray cluster:
   benchmark) gets them from `ensure_fast_ingress()`, called before `ray.init`;
 * on a cluster, `cluster.yaml` puts them on the `ray start` commands.
 
+HAProxy's ports and files (config, admin socket, server state) are made private to each local
+cluster, so two of them on one host do not collide.
+
 `RAY_SERVE_ENABLE_HA_PROXY=0` in the environment keeps Ray's Python proxy (the choice is the
 user's: nothing here overrides a value already set).
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import tempfile
 from collections.abc import MutableMapping
 
 HAPROXY_FLAG = "RAY_SERVE_ENABLE_HA_PROXY"
@@ -52,6 +56,12 @@ LOCAL_DRAIN_S = "2"
 # HAProxy's own stats and Prometheus ports default to 8404 and 9101 on every node: a second Serve
 # on one host (the tests' cluster beside a demo, two local clusters) would fail to bind them.
 PORT_VARS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+# Likewise its config file, admin socket and server state live under /tmp/haproxy-serve on every
+# host: two local clusters' HAProxies overwrote each other's config (seen: two benchmarks that each
+# start Serve, run side by side, one failed). A local cluster gets a folder of its own (the name
+# stays short: a unix socket path must be under 108 bytes).
+PATH_VARS = {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg", "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+             "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "", "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state"}
 
 
 def haproxy_available() -> bool:
@@ -94,4 +104,8 @@ def ensure_fast_ingress(environ: MutableMapping[str, str] | None = None) -> str:
     for var in PORT_VARS:
         if not env.get(var):
             env[var] = str(_free_port())
+    if not any(env.get(var) for var in PATH_VARS):  # a user who placed any of them placed them all
+        folder = tempfile.mkdtemp(prefix="harma-haproxy-")
+        for var, name in PATH_VARS.items():
+            env[var] = os.path.join(folder, name) if name else folder
     return "haproxy"
