@@ -157,7 +157,7 @@ def test_an_ivf_index_is_made_from_the_actors_codes_and_its_shards_share_one_cod
     [driver] = _approximate(cfg, without, [(0, 3000)], manifest, lambda _: None)
     assert driver.ntotal == 3000 and manifest["ann"]["trained_on"] == "embedded corpus"
     assert manifest["ann"]["encoded_by"] == "driver" and manifest["ann"]["trained_rows"] == 500
-    # the driver encodes a chunk at a time into each slice's index: chunks of 700 rows cross the
+    # the driver adds a chunk at a time to each slice's copy of its codec: chunks of 700 rows cross the
     # slice boundary at 1000, yet each shard holds what adding its own vectors gives, byte for byte
     from harma.index import ann as ann_module
     from harma.serve.build import SAMPLE_SEED

@@ -294,15 +294,9 @@ def _approximate(cfg: IndexConfig, corpus: EmbeddedCorpus, slices: list[tuple[in
     for exact); its parameters, and how it was trained and encoded, go to `manifest["ann"]`. An IVF
     index's slices share one trained codec (the same cells): the actors' codes appended, or, for a
     corpus embedded without them, codes made here after training on the embedded vectors."""
-    from harma.index.ann import (
-        ADD_CHUNK,
-        append_codes,
-        build_ann,
-        encode,
-        encoded_by_codes,
-        filled,
-        trained_codec,
-    )
+    import faiss
+
+    from harma.index.ann import add_vectors, build_ann, encoded_by_codes, filled, trained_codec
 
     params = _ann_params(cfg, corpus)
     manifest["ann"] = params.to_manifest()
@@ -314,14 +308,10 @@ def _approximate(cfg: IndexConfig, corpus: EmbeddedCorpus, slices: list[tuple[in
         parts = [build_ann(vectors[first:end], params, progress=progress) for first, end in slices]
     else:
         codec, codes = corpus.codec, corpus.codes
-        if codes is None:  # encoded here, a chunk at a time, each chunk's codes appended to its slice's index
+        if codes is None:  # trained here; each slice's vectors added to its copy a chunk at a time
             codec = trained_codec(vectors, params, seed=SAMPLE_SEED, progress=progress)
-            parts = [filled(codec, np.zeros((0, codec.sa_code_size()), np.uint8)) for _ in slices]
-            for part, (first, end) in zip(parts, slices, strict=True):
-                for start in range(first, end, ADD_CHUNK):
-                    append_codes(part, encode(codec, vectors[start:min(end, start + ADD_CHUNK)]))
-                if end - first > ADD_CHUNK:
-                    progress(f"  ANN {params.kind}: encoded and appended rows {first}..{end}")
+            parts = [add_vectors(faiss.clone_index(codec), vectors[first:end], progress, label=f"ANN {params.kind}")
+                     for first, end in slices]
             manifest["ann"].update(trained_on="embedded corpus", trained_rows=min(len(vectors), params.train_rows),
                                    encoded_by="driver")
         else:
