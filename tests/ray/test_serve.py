@@ -586,7 +586,10 @@ def test_an_index_of_three_shards_answers_over_http_as_the_unsharded_one(service
     """`index.max_shard_bytes` below the index's size: the build writes 3 shards; the application
     deploys an IndexShard deployment for each behind the ingress, which encodes once, fans out
     through deployment handles and merges: every answer (text, batch, image, captions, filters,
-    thumbnails, errors) is the unsharded service's."""
+    thumbnails, errors) is the unsharded service's. Then `harma index delete` and `add` write
+    versions of 3 shards, and the service moves to each through user_config under load with no
+    failed request, answering as the whole index less the deleted images, then as the whole again;
+    a version of another shard count is refused in place."""
     import ray.serve
 
     from harma.config import IndexConfig
@@ -638,6 +641,7 @@ def test_an_index_of_three_shards_answers_over_http_as_the_unsharded_one(service
             assert [h[key] for h in got["results"]] == [h[key] for h in want["results"]] and len(got["results"]) == k
             np.testing.assert_allclose([h["score"] for h in got["results"]], [h["score"] for h in want["results"]],
                                        atol=1e-5)
+        want_river40, _ = both("v1/text-to-images", json={"text": "a river", "k": 40})
         want, got = both("v1/text-to-images", json={"text": "a river", "filters": {"colour": "red"}})
         assert got["error"] == want["error"] and got["error"]["status"] == 422
         last = shards[2].images["id"][0]
@@ -647,27 +651,75 @@ def test_an_index_of_three_shards_answers_over_http_as_the_unsharded_one(service
         info = requests.get(sharded + "v1/info", timeout=30).json()
         assert info["index"]["images"] == 40 and info["index"]["captions"] == full.caption_count
         assert info["index"]["shards"] == 3
-        # A user_config swap to another index (here the unsharded one) is refused by the ingress,
-        # which keeps serving its shards and says why: the application deployed again as it was,
-        # but with the user_config (what `serve deploy` of an edited config does: a reconfigure).
-        from harma.serve.api import ServeArgs
-        from harma.serve.app import Retriever
-        from harma.serve.shard import IndexShard
-
-        args = ServeArgs.model_validate({"checkpoint_uri": service["a"], "index_uri": root, "max_top_k": 50})
-        same_shards = [IndexShard.options(name=f"IndexShard{i}").bind(
-            {"checkpoint_uri": service["a"], "index_uri": f"{root}/{s['uri']}"}) for i, s in enumerate(manifest["shards"])]
-        ray.serve.run(Retriever.options(user_config={"index_uri": service["index_all"]}).bind(
-            args.model_dump(), *same_shards), name="sharded", route_prefix="/sharded")
-        info = requests.get(sharded + "v1/info", timeout=30).json()
-        assert info["index_error"]["index_uri"] == service["index_all"]
-        assert f"this application serves the 3 shards of {root}; another index is served by deploying" in \
-            info["index_error"]["message"]
-        assert info["index"]["shards"] == 3 and info["index_uri"] == root
-        want, got = both("v1/text-to-images", json={"text": "a river", "k": 4})
-        assert [h["id"] for h in got["results"]] == [h["id"] for h in want["results"]]
     finally:
         ray.serve.delete("sharded")
+    # --- versions: delete and add write new versions of 3 shards (only the touched shards rewritten);
+    # `harma serve` of the config with the sharded index, then of the same config with a Retriever
+    # user_config per version (a lightweight update: the replicas reconfigure in place) under load
+    from harma.cli import main
+    from harma.index.versions import version_uri
+    from harma.serve.index import read_manifest
+
+    test_ids = [i for i, split in zip(full.images["id"], full.images["split"], strict=True) if split == "test"]
+    assert main(["index", "delete", "--index", root, "--ids", *test_ids]) == 0
+    v2, v3 = version_uri(root, 2), version_uri(root, 3)
+    assert main(["index", "add", "--index", v2, "splits=[train,val,test]", "batch_size=8"]) == 0
+    m2, m3 = read_manifest(v2), read_manifest(v3)
+    assert (m2["images"], m3["images"], len(m3["shards"]), m3["change"]["added"]) == (34, 40, 3, 6)
+    untouched = [not set(test_ids) & set(shard.images["id"]) for shard in shards]
+    assert [e["uri"].startswith("shards/") for e in m2["shards"]] == untouched  # listed as they were
+
+    url = service["url"]
+
+    def serve_version(name, user_index=None):
+        proc = _harma_serve(_serve_config(tmp_path / f"{name}.yaml", service["port"], service["a"], root,
+                                          user_index=user_index))
+        _served_everywhere(url, user_index or root)
+        _stop(proc)
+
+    def answer(k):
+        return requests.post(url + "v1/text-to-images", json={"text": "a river", "k": k}, timeout=30).json()
+
+    out = tmp_path / "sharded-load.json"
+    try:
+        serve_version("sharded")
+        before = answer(40)
+        assert [h["id"] for h in before["results"]] == [h["id"] for h in want_river40["results"]]
+        load = _load(url, 150, 2, out)
+        time.sleep(2)
+        serve_version("v2", v2)
+        got, kept = answer(40), [h for h in before["results"] if h["id"] not in test_ids]  # v1's less the deleted
+        assert [h["id"] for h in got["results"]] == [h["id"] for h in kept] and got["index"]["images"] == 34
+        np.testing.assert_allclose([h["score"] for h in got["results"]], [h["score"] for h in kept], atol=1e-5)
+        serve_version("v3", v3)
+        got = answer(40)  # v3 holds every image again: the whole index's answer
+        assert [h["id"] for h in got["results"]] == [h["id"] for h in want_river40["results"]]
+        np.testing.assert_allclose([h["score"] for h in got["results"]],
+                                   [h["score"] for h in want_river40["results"]], atol=1e-5)
+        # a version of another shard count (the unsharded index) is refused in place: v3 stays served
+        proc = _harma_serve(_serve_config(tmp_path / "refused.yaml", service["port"], service["a"], root,
+                                          user_index=service["index_all"]))
+        deadline, infos = time.time() + 90, []
+        while time.time() < deadline and not all(i["index_error"] for i in infos[-4:] or [{"index_error": None}]):
+            infos.append(requests.get(url + "v1/info", timeout=30).json())
+            time.sleep(0.5)
+        _stop(proc)
+        infos = [requests.get(url + "v1/info", timeout=30).json() for _ in range(6)]
+        # every replica tried it and kept what it served: v3 (one the autoscaler started meanwhile: the
+        # application's own index)
+        assert all(i["index_error"]["index_uri"] == service["index_all"] for i in infos), infos
+        assert v3 in {i["index_uri"] for i in infos} and {i["index_uri"] for i in infos} <= {v3, root}, infos
+        assert "is an index of no shards; this application deploys 3 (IndexShard0..2): an index of another " \
+               "shard count is served by deploying the application again" in infos[0]["index_error"]["message"]
+        load.send_signal(signal.SIGUSR1)
+        load.communicate(timeout=120)
+        summary = json.loads(out.read_text())
+        assert summary["failed"] == 0 and summary["ok"] > 20, summary
+        print(json.dumps({k: summary[k] for k in ("requests", "ok", "failed", "qps", "latency_ms")}))
+    finally:
+        back = _harma_serve(_serve_config(tmp_path / "back.yaml", service["port"], service["a"], service["index_all"]))
+        _served_everywhere(url, service["index_all"])
+        _stop(back)
 
 
 def _scrape(needles: list[str], seconds: float = 90) -> dict[tuple, float]:

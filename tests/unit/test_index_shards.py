@@ -7,7 +7,7 @@ import pytest
 import torch
 from shapely.geometry import box
 
-from harma.index.shards import merge_hits, plan_shards
+from harma.index.shards import merge_hits, place_new_rows, plan_shards, shard_location
 from harma.index.update import Rows, kept
 from harma.serve.index import EmbeddingIndex
 from harma.serve.search import Job, Loaded, hits_of, search_jobs, suppress_hits, wants_suppression
@@ -169,3 +169,25 @@ def test_an_ivf_index_is_made_from_the_actors_codes_and_its_shards_share_one_cod
         expected = faiss.clone_index(driver_codec)
         expected.add(vectors[first:end])
         assert ann_to_bytes(part) == ann_to_bytes(expected)
+
+
+def test_new_rows_go_to_the_shards_with_most_room_first():
+    # room 0, 2, 1 (capacity 5): 2 to shard 1, 1 to shard 2, 3 left for new shards
+    assert place_new_rows([5, 3, 4], 5, 6) == ([0, 2, 1], 3)
+    # ties in room: the earlier shard first; no more than asked
+    assert place_new_rows([2, 2, 4], 5, 4) == ([3, 1, 0], 0)
+    # a shard over its capacity (a bound lowered since) takes nothing
+    assert place_new_rows([7, 1], 5, 3) == ([0, 3], 0)
+    # no capacity recorded: all into the last shard
+    assert place_new_rows([5, 3], None, 9) == ([0, 9], 0)
+    with pytest.raises(ValueError, match="cannot place 3 images into 0 shards"):
+        place_new_rows([], 5, 3)
+
+
+def test_a_shard_is_found_relative_to_the_root_of_the_versions():
+    manifest = {"root_uri": "s3://b/idx", "shards": [{"uri": "shards/00000"}, {"uri": "versions/00002/shards/00001"}]}
+    assert shard_location("s3://b/idx/versions/00002", manifest, 1) == "s3://b/idx/versions/00002/shards/00001"
+    assert shard_location("s3://b/idx/versions/00002", manifest, 0) == "s3://b/idx/shards/00000"
+    assert shard_location("/data/idx", {"shards": [{"uri": "shards/00000"}]}, 0) == "/data/idx/shards/00000"
+    with pytest.raises(ValueError, match="has 2 shard\\(s\\), no shard 2"):
+        shard_location("s3://b/idx", manifest, 2)

@@ -275,15 +275,98 @@ def test_an_added_version_embeds_as_its_parent_did(tmp_path):
         add_config(manifest, "/out", {"precision": "fp32", "thumbnail_size": 0})
 
 
-def test_a_sharded_index_is_refused_by_updates_and_by_a_whole_index_load(tmp_path):
+def _sharded(tmp_path, sizes, capacity, ann_kind="exact", dim=32):
+    """A sharded index written as the build writes one: shards/NNNNN, each a whole index of a
+    slice, and the root manifest listing them (ids img/0.png ..., 2 captions an image)."""
     ckpt, fp = _checkpoint(tmp_path)
+    n = sum(sizes)
+    rows = _rows(n, dim=dim)
+    rows.vectors /= np.linalg.norm(rows.vectors, axis=1, keepdims=True)
+    params = None if ann_kind == "exact" else AnnParams(ann_kind, nlist=4, nprobe=4, train_rows=n)
+    codec = None if params is None else build_ann(rows.vectors, params)
     root = tmp_path / "sharded"
-    root.mkdir()
-    manifest = _manifest(ckpt, fp, 6, 0, shards=[{"uri": "shards/00000", "images": 3, "captions": 0, "first_row": 0},
-                                                 {"uri": "shards/00001", "images": 3, "captions": 0, "first_row": 3}])
+    entries, first = [], 0
+    for position, size in enumerate(sizes):
+        drop = np.ones(n, dtype=bool)
+        drop[first:first + size] = False
+        part = kept(rows, drop)
+        extra = {} if params is None else {"ann": params.to_manifest()}
+        shard = _manifest(ckpt, fp, size, 2 * size, **extra)
+        ann = None
+        if codec is not None:
+            import faiss
+
+            ann = faiss.clone_index(codec)
+            ann.reset()
+            ann.add(part.vectors)
+        save_index(str(root / f"shards/{position:05d}"),
+                   EmbeddingIndex(shard, part.vectors, part.images, part.caption_emb, part.captions), ann)
+        entries.append({"uri": f"shards/{position:05d}", "images": size, "captions": 2 * size, "first_row": first})
+        first += size
+    manifest = _manifest(ckpt, fp, n, 2 * n, shards=entries, shard_images_max=capacity,
+                         **({} if params is None else {"ann": {"kind": ann_kind}}))
     (root / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match="is a sharded index: harma index add and delete update an index of one"):
-        delete_from_index(str(root), ["img/0.png"])
-    with pytest.raises(ValueError, match="is an index of 2 shards"):
-        load_index(str(root))
-    assert not (root / "versions").exists()
+    return str(root), rows
+
+
+def test_delete_from_a_sharded_index_rewrites_only_the_shards_it_touches(tmp_path, capsys):
+    from harma.index.shards import shard_location
+
+    root, rows = _sharded(tmp_path, [4, 4, 4], capacity=5)
+    assert main(["index", "delete", "--index", root, "--ids", "img/1.png", "img/9.png", "img/10.png"]) == 0
+    v2 = version_uri(root, 2)
+    manifest = json.loads((tmp_path / "sharded" / "versions" / "00002" / "manifest.json").read_text())
+    # shard 1 untouched: listed where version 1 keeps it; shards 0 and 2 rewritten under version 2
+    assert [(e["uri"], e["images"], e["captions"], e["first_row"]) for e in manifest["shards"]] == \
+        [("versions/00002/shards/00000", 3, 6, 0), ("shards/00001", 4, 8, 3), ("versions/00002/shards/00002", 2, 4, 7)]
+    assert (manifest["images"], manifest["captions"], manifest["root_uri"]) == (9, 18, root)
+    assert manifest["change"]["deleted"] == 3 and manifest["change"]["deleted_captions"] == 6
+    shards = [load_index(shard_location(v2, manifest, p)) for p in range(3)]
+    assert [s.images["id"] for s in shards] == [["img/0.png", "img/2.png", "img/3.png"],
+                                               [f"img/{i}.png" for i in range(4, 8)], ["img/8.png", "img/11.png"]]
+    np.testing.assert_array_equal(shards[2].image_emb, rows.vectors[[8, 11]])
+    assert shards[2].captions["image_row"] == [0, 0, 1, 1]
+    assert not (tmp_path / "sharded" / "versions" / "00002" / "shards" / "00001").exists()
+    # version 3 from version 2: shards of both earlier versions listed, the emptied shard left out
+    assert main(["index", "delete", "--index", v2, "--ids", "img/8.png", "img/11.png", "img/0.png"]) == 0
+    assert "shard 3/3: all 2 images deleted, the shard is left out; serving this version needs the application " \
+           "deployed again" in capsys.readouterr().out
+    v3 = json.loads((tmp_path / "sharded" / "versions" / "00003" / "manifest.json").read_text())
+    assert [(e["uri"], e["images"]) for e in v3["shards"]] == [("versions/00003/shards/00000", 2),
+                                                              ("shards/00001", 4)]
+    assert [(v["version"], v["images"]) for v in list_versions(root)] == [(1, 12), (2, 9), (3, 6)]
+    assert main(["index", "delete", "--index", root, "--ids", "img/99.png"]) == 2
+    assert "not in the index: 'img/99.png'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="is an index of 3 shards .*shards/00000, ...\\) or serve the whole"):
+        load_index(root)
+
+
+def test_an_add_fills_the_shards_with_room_first_then_writes_new_shards(tmp_path):
+    """`_added_shards` (what `harma index add` does with the embedded new items of a sharded
+    index): an IVF index's new vectors land in its shards' trained cells, found at their rows."""
+    from harma.index.shards import shard_location
+    from harma.index.update import Part, _added_shards, _parent
+
+    root, rows = _sharded(tmp_path, [5, 3, 4], capacity=5, ann_kind="ivf_flat")
+    new = _rows(6, dim=32, first=100, seed=3)
+    new.vectors /= np.linalg.norm(new.vectors, axis=1, keepdims=True)
+    _, manifest, parts = _parent(root)
+    assert [p.size for p in parts] == [5, 3, 4]
+    lines = []
+    entries = _added_shards(parts, manifest, root, 2, new, None, lines.append)
+    # room: shard 1 takes 2 (3 -> 5), shard 2 takes 1 (4 -> 5), shard 0 none; 3 left: a new shard
+    assert [(e["uri"], e["images"], e["first_row"]) for e in entries] == [
+        ("shards/00000", 5, 0), ("versions/00002/shards/00001", 5, 5), ("versions/00002/shards/00002", 5, 10),
+        ("versions/00002/shards/00003", 3, 15)]
+    assert any("deployed again (its shard count changed)" in line for line in lines)
+    version = {**manifest, "root_uri": root, "shards": entries}
+    shards = [load_index(shard_location(version_uri(root, 2), version, p)) for p in range(4)]
+    assert shards[1].images["id"] == ["img/5.png", "img/6.png", "img/7.png", "img/100.png", "img/101.png"]
+    assert shards[2].images["id"][-1] == "img/102.png"
+    assert shards[3].images["id"] == ["img/103.png", "img/104.png", "img/105.png"]
+    assert shards[1].captions["image_row"][-4:] == [3, 3, 4, 4] and shards[3].caption_count == 6
+    for shard, wanted in ((shards[1], [3, 4]), (shards[3], [0, 1, 2])):
+        for row in wanted:  # each new vector is its own nearest neighbour in the shard's FAISS index
+            [(scores, hits)] = shard.ann.search(np.asarray(shard.image_emb[row:row + 1], np.float32), [1], [None])
+            assert hits[0] == row and scores[0] == pytest.approx(1.0, abs=2e-3)
+    assert Part(shard_location(version_uri(root, 2), version, 3)).manifest["version"] == 2

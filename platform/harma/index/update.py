@@ -14,12 +14,16 @@ HNSW graph; `delete` re-adds the kept vectors to
 the emptied IVF lists (encoding only, no k-means), and rebuilds an HNSW graph (HNSW cannot remove).
 The index keeps the kind it was built with; rebuild (`harma index build`) to change it, or when many
 vectors were added since the quantiser was trained (the manifest's `ann.added_since_training`).
+A sharded index is updated shard by shard: only the shards that gain or lose images are read whole
+and written again (`Part`: the others' id columns alone are read), new images fill the shards with
+room first, then new shards (harma.index.shards.place_new_rows).
 
 Where versions live and how serving moves between them: harma.index.versions.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -29,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from harma import storage
-from harma.index.versions import next_version, root_of
+from harma.index.versions import VERSIONS, next_version, root_of
 from harma.serve.index import (
     EmbeddingIndex,
     check_index_matches,
@@ -157,44 +161,107 @@ def _codec_of(parent_ann, manifest: dict):
 
 
 # --- versions ------------------------------------------------------------------------------------
-def _parent(uri: str) -> tuple[str, EmbeddingIndex, Any]:
-    """(absolute URI, loaded index, its FAISS index or None) of the version an update starts from,
-    checked against its checkpoint as it is stored now."""
-    from harma.serve.index import read_manifest
+class Part:
+    """One index an update reads: a whole index, or one shard of a sharded one. Its id (and scene)
+    columns are read alone; its vectors, captions and FAISS index only when it changes."""
 
-    uri = storage.absolute(uri)
-    if read_manifest(uri).get("shards"):
-        raise ValueError(f"{uri} is a sharded index: harma index add and delete update an index of one shard; "
-                         f"rebuild a sharded one (harma index build)")
-    index = load_index(uri)
-    fingerprint = checkpoint_fingerprint(index.manifest["checkpoint_uri"])
-    check_index_matches(index.manifest, index.manifest["checkpoint_uri"], fingerprint)
-    faiss_index = None
-    if index.ann is not None:  # a copy to change: the served one maps its file read-only
+    def __init__(self, uri: str):
+        from harma.serve.index import read_manifest
+
+        self.uri = uri
+        self.manifest = read_manifest(uri)
+
+    @property
+    def size(self) -> int:
+        return int(self.manifest["images"])
+
+    def column(self, name: str) -> list:
+        return storage.read_table(storage.join(self.uri, "images.parquet"), [name]).column(name).to_pylist()
+
+    @functools.cached_property
+    def index(self) -> EmbeddingIndex:
+        return load_index(self.uri)
+
+    @functools.cached_property
+    def ann(self):
+        """A copy of its FAISS index to change (the served one maps its file read-only), or None."""
+        if (self.manifest.get("ann") or {}).get("kind", "exact") == "exact":
+            return None
         import faiss
 
         from harma.serve.index import index_file
 
-        faiss_index = faiss.read_index(index_file(uri, index.manifest, "images.ann"))  # the file load_index fetched
-    return uri, index, faiss_index
+        return faiss.read_index(index_file(self.uri, self.manifest, "images.ann"))
+
+    def rows(self) -> Rows:
+        index = self.index
+        return Rows(np.asarray(index.image_emb, np.float32), index.images, index.caption_emb, index.captions)
 
 
-def _rows_of(index: EmbeddingIndex) -> Rows:
-    return Rows(np.asarray(index.image_emb, np.float32), index.images, index.caption_emb, index.captions)
+def _parent(uri: str) -> tuple[str, dict, list[Part]]:
+    """(absolute URI, manifest, parts: the index itself, or its shards by position) of the version
+    an update starts from, checked against its checkpoint as it is stored now."""
+    from harma.index.shards import is_sharded, shard_location
+    from harma.serve.index import read_manifest
+
+    uri = storage.absolute(uri)
+    manifest = read_manifest(uri)
+    check_index_matches(manifest, manifest["checkpoint_uri"], checkpoint_fingerprint(manifest["checkpoint_uri"]))
+    if not is_sharded(manifest):
+        return uri, manifest, [Part(uri)]
+    return uri, manifest, [Part(shard_location(uri, manifest, p)) for p in range(len(manifest["shards"]))]
 
 
-def _manifest(parent_uri: str, parent: dict, number: int, rows: Rows, change: dict, started: float) -> dict:
-    manifest = {**parent, "version": number, "parent": parent_uri, "root_uri": root_of(parent_uri, parent),
-                "images": len(rows.vectors), "captions": 0 if rows.caption_emb is None else len(rows.caption_emb),
-                "change": change, "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "build_seconds": round(time.perf_counter() - started, 2)}
-    return manifest
+def _manifest(parent_uri: str, parent: dict, number: int, images: int, captions: int, change: dict,
+              started: float) -> dict:
+    return {**parent, "version": number, "parent": parent_uri, "root_uri": root_of(parent_uri, parent),
+            "images": images, "captions": captions, "change": change,
+            "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "build_seconds": round(time.perf_counter() - started, 2)}
+
+
+def _caption_count(rows: Rows) -> int:
+    return 0 if rows.caption_emb is None else len(rows.caption_emb)
 
 
 def _write(uri: str, manifest: dict, rows: Rows, ann_index, progress) -> None:
     save_index(uri, EmbeddingIndex(manifest, rows.vectors, rows.images, rows.caption_emb, rows.captions), ann_index)
     progress(f"index version {manifest['version']} written to {uri}: {manifest['images']} images, "
              f"{manifest['captions']} captions ({manifest['build_seconds']:.1f} s)")
+
+
+def _write_root(uri: str, manifest: dict, progress) -> None:
+    """A sharded version's root manifest, written after its shards (a reader never sees half a version)."""
+    import json
+
+    from harma.serve.index import MANIFEST
+
+    storage.write_bytes(storage.join(uri, MANIFEST), json.dumps(manifest, indent=1).encode())
+    progress(f"index version {manifest['version']} written to {uri}: {manifest['images']} images, "
+             f"{manifest['captions']} captions in {len(manifest['shards'])} shards "
+             f"({manifest['build_seconds']:.1f} s)")
+
+
+def _write_shard(root: str, number: int, position: int, template: dict, rows: Rows, ann_index) -> dict:
+    """Shard `position` of version `number` (under the version's folder), with `template`'s (its
+    parent shard's) manifest; returns its entry in the root manifest (uri relative to `root`)."""
+    from harma.index.shards import shard_name
+
+    relative = f"{VERSIONS}/{number:05d}/{shard_name(position)}"
+    manifest = {**template, "version": number, "images": len(rows.vectors), "captions": _caption_count(rows),
+                "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    save_index(storage.join(root, relative), EmbeddingIndex(manifest, rows.vectors, rows.images, rows.caption_emb,
+                                                            rows.captions), ann_index)
+    return {"uri": relative, "images": manifest["images"], "captions": manifest["captions"]}
+
+
+def _numbered(entries: list[dict]) -> list[dict]:
+    """Shard entries with their `first_row` (the images before them) recounted."""
+    first, out = 0, []
+    for entry in entries:
+        out.append({**entry, "first_row": first})
+        first += int(entry["images"])
+    return out
 
 
 def _copy_quicklooks(parent_uri: str, uri: str, scene_list: list[dict]) -> list[dict]:
@@ -207,6 +274,95 @@ def _copy_quicklooks(parent_uri: str, uri: str, scene_list: list[dict]) -> list[
         storage.write_bytes(storage.join(uri, name), storage.read_bytes(storage.join(parent_uri, scene["quicklook"])))
         listed.append({**scene, "quicklook": name})
     return listed
+
+
+def _added_ann(part_ann, new: Rows, codes: np.ndarray | None, progress):
+    """`part_ann` (a copy) with the new vectors appended: as the embedding actors' codes under its
+    cells when they made them, else the vectors added; None for an exact index."""
+    if part_ann is None:
+        return None
+    if codes is not None:
+        from harma.index.ann import append_codes
+
+        return append_codes(part_ann, codes, progress)
+    return added_ann(part_ann, new.vectors)
+
+
+def _new_ann(parts: list[Part], manifest: dict, new: Rows, codes: np.ndarray | None, progress):
+    """The FAISS index of a new shard holding only `new`: the index's trained cells (an empty copy
+    of a shard's) filled, or an HNSW graph built; None for an exact index."""
+    kind = (manifest.get("ann") or {}).get("kind", "exact")
+    if kind == "exact":
+        return None
+    from harma.index.ann import AnnParams, build_ann
+
+    if kind == "hnsw":
+        return build_ann(new.vectors, AnnParams.from_manifest(parts[-1].manifest["ann"]), progress=progress)
+    return _added_ann(_codec_of(parts[-1].ann, manifest), new, codes, progress)
+
+
+def _slice(rows: Rows, first: int, end: int) -> Rows:
+    drop = np.ones(len(rows.vectors), dtype=bool)
+    drop[first:end] = False
+    return kept(rows, drop)
+
+
+def _added_shards(parts: list[Part], manifest: dict, root: str, number: int, new: Rows, codes: np.ndarray | None,
+                  progress) -> list[dict]:
+    """The new version's shard entries: the new images placed into the shards with room (each
+    rewritten with them), the rest as new shards of at most `shard_images_max`; the other shards
+    listed as they are."""
+    from harma.index.shards import place_new_rows
+
+    capacity = manifest.get("shard_images_max")
+    taken, left = place_new_rows([p.size for p in parts], capacity, len(new.vectors))
+    entries, first = [], 0
+    for position, (part, count) in enumerate(zip(parts, taken, strict=True)):
+        if not count:
+            entries.append(manifest["shards"][position])
+            continue
+        batch = _slice(new, first, first + count)
+        batch_codes = None if codes is None else codes[first:first + count]
+        entries.append(_write_shard(root, number, position, part.manifest, appended(part.rows(), batch),
+                                    _added_ann(part.ann, batch, batch_codes, progress)))
+        progress(f"  shard {position + 1}/{len(parts)}: +{count} images -> {entries[-1]['images']}")
+        first += count
+    if left:  # no shard has room: new shards, near-equal, each within the bound
+        from harma.index.shards import plan_shards
+
+        for start, end in plan_shards(left, 1.0, capacity):
+            batch = _slice(new, first + start, first + end)
+            batch_codes = None if codes is None else codes[first + start:first + end]
+            position = len(entries)
+            entries.append(_write_shard(root, number, position, parts[-1].manifest, batch,
+                                        _new_ann(parts, manifest, batch, batch_codes, progress)))
+            progress(f"  shard {position + 1} (new): {end - start} images; serving this version needs the application "
+                     f"deployed again (its shard count changed)")
+    return _numbered(entries)
+
+
+def _kept_shards(parts: list[Part], manifest: dict, root: str, number: int, drop: np.ndarray,
+                 progress) -> list[dict]:
+    """The new version's shard entries: each shard that loses images rewritten without them (one
+    that loses all of them left out), the others listed as they are."""
+    from harma.index.ann import AnnParams
+
+    entries, first = [], 0
+    for position, part in enumerate(parts):
+        flags = drop[first:first + part.size]
+        first += part.size
+        if not flags.any():
+            entries.append(manifest["shards"][position])
+        elif flags.all():
+            progress(f"  shard {position + 1}/{len(parts)}: all {part.size} images deleted, the shard is left out; serving this "
+                     f"version needs the application deployed again (its shard count changed)")
+        else:
+            rows = kept(part.rows(), flags)
+            ann_index = None if part.ann is None else \
+                kept_ann(part.ann, AnnParams.from_manifest(part.manifest["ann"]), rows.vectors, progress)
+            entries.append(_write_shard(root, number, len(entries), part.manifest, rows, ann_index))
+            progress(f"  shard {position + 1}/{len(parts)}: -{int(flags.sum())} images -> {entries[-1]['images']}")
+    return _numbered(entries)
 
 
 def add_config(manifest: dict, output_uri: str, settings: dict[str, Any]):
@@ -239,46 +395,51 @@ def add_to_index(index_uri: str, settings: dict[str, Any] | None = None, progres
     from harma.serve.build import _prepare, _quicklooks, _scenes_read, embed_corpus
 
     started = time.perf_counter()
-    parent_uri, parent, parent_ann = _parent(index_uri)
-    root = root_of(parent_uri, parent.manifest)
+    parent_uri, parent, parts = _parent(index_uri)
+    sharded = "shards" in parent
+    root = root_of(parent_uri, parent)
     number, uri = next_version(root)
-    cfg = _prepare(add_config(parent.manifest, uri, dict(settings or {})))
+    cfg = _prepare(add_config(parent, uri, dict(settings or {})))
     geo = cfg.corpus_format == "geotiff"
     if geo:
-        listed = (parent.manifest.get("geo") or {}).get("scene_list", [])
-        skip = frozenset(parent.images["scene"]) | {s["scene"] for s in listed}
+        listed = (parent.get("geo") or {}).get("scene_list", [])
+        skip = frozenset(s for p in parts for s in p.column("scene")) | {s["scene"] for s in listed}
     else:
-        skip = frozenset(parent.images["id"]) | {str(s) for s in parent.manifest.get("skipped", [])}
-    progress(f"adding to version {parent.manifest.get('version', 1)} of {root} ({parent.size} images): "
-             f"new items of {cfg.corpus_uri}")
-    codec = _codec_of(parent_ann, parent.manifest)
+        skip = frozenset(i for p in parts for i in p.column("id")) | {str(s) for s in parent.get("skipped", [])}
+    size = sum(p.size for p in parts)
+    progress(f"adding to version {parent.get('version', 1)} of {root} ({size} images"
+             f"{f' in {len(parts)} shards' if sharded else ''}): new items of {cfg.corpus_uri}")
+    codec = _codec_of(parts[-1].ann, parent)
     corpus = embed_corpus(cfg, progress, skip=skip, codec=codec)
     new = Rows(corpus.image_emb, corpus.meta, corpus.caption_emb, corpus.captions)
-    rows = appended(_rows_of(parent), new)
     change = {"kind": "add", "corpus_uri": cfg.corpus_uri, "added": len(new.vectors),
-              "added_captions": 0 if new.caption_emb is None else len(new.caption_emb), "skipped": corpus.skipped,
+              "added_captions": _caption_count(new), "skipped": corpus.skipped,
               "embed_seconds": round(time.perf_counter() - started, 2)}
-    manifest = _manifest(parent_uri, parent.manifest, number, rows, change, started)
+    if sharded:
+        entries = _added_shards(parts, parent, root, number, new, corpus.codes, progress)
+        manifest = _manifest(parent_uri, parent, number, size + len(new.vectors),
+                             int(parent.get("captions", 0)) + _caption_count(new), change, started)
+        manifest["shards"] = entries
+    else:
+        rows = appended(parts[0].rows(), new)
+        ann_index = _added_ann(parts[0].ann, new, corpus.codes, progress)
+        manifest = _manifest(parent_uri, parent, number, len(rows.vectors), _caption_count(rows), change, started)
     if not geo:
-        manifest["skipped"] = list(parent.manifest.get("skipped", [])) + corpus.skipped
+        manifest["skipped"] = list(parent.get("skipped", [])) + corpus.skipped
     else:
         scene_list = _copy_quicklooks(parent_uri, uri, listed)
         scene_list += _quicklooks(cfg, corpus.scenes, {b["scene"] for b in corpus.skipped}, corpus.meta,
                                   first=len(scene_list))
-        manifest["geo"] = {**parent.manifest["geo"], "scene_list": scene_list,
-                           "scenes": parent.manifest["geo"].get("scenes", len(listed)) + _scenes_read(corpus),
-                           "tiles_nodata": parent.manifest["geo"].get("tiles_nodata", 0) + corpus.nodata_tiles}
-    ann_index = None
-    if parent_ann is not None:
-        if corpus.codes is not None:  # encoded by the embedding actors under the parent's cells
-            from harma.index.ann import append_codes
-
-            ann_index = append_codes(parent_ann, corpus.codes, progress)
-        else:
-            ann_index = added_ann(parent_ann, new.vectors)
-        manifest["ann"] = {**parent.manifest["ann"], "added_since_training":
-                           parent.manifest["ann"].get("added_since_training", 0) + len(new.vectors)}
-    _write(uri, manifest, rows, ann_index, progress)
+        manifest["geo"] = {**parent["geo"], "scene_list": scene_list,
+                           "scenes": parent["geo"].get("scenes", len(listed)) + _scenes_read(corpus),
+                           "tiles_nodata": parent["geo"].get("tiles_nodata", 0) + corpus.nodata_tiles}
+    if (parent.get("ann") or {}).get("kind", "exact") != "exact":
+        manifest["ann"] = {**parent["ann"], "added_since_training":
+                           parent["ann"].get("added_since_training", 0) + len(new.vectors)}
+    if sharded:
+        _write_root(uri, manifest, progress)
+    else:
+        _write(uri, manifest, rows, ann_index, progress)
     return manifest
 
 
@@ -290,25 +451,37 @@ def delete_from_index(index_uri: str, ids: list[str] = (), scenes: list[str] = (
     ids, scenes = [str(i) for i in ids], [str(s) for s in scenes]
     if not ids and not scenes:
         raise ValueError("name what to delete: --ids, --ids-file or --scene")
-    parent_uri, parent, parent_ann = _parent(index_uri)
-    drop = drop_flags(parent.images["id"], parent.images.get("scene"), ids, scenes, missing_ok)
-    root = root_of(parent_uri, parent.manifest)
+    parent_uri, parent, parts = _parent(index_uri)
+    sharded = "shards" in parent
+    geo = parent.get("corpus_format") == "geotiff"
+    index_ids = [i for p in parts for i in p.column("id")]
+    row_scenes = [s for p in parts for s in p.column("scene")] if geo else None
+    drop = drop_flags(index_ids, row_scenes, ids, scenes, missing_ok)
+    root = root_of(parent_uri, parent)
     number, uri = next_version(root)
-    rows = kept(_rows_of(parent), drop)
+    progress(f"deleting {int(drop.sum())} of {len(drop)} images from version {parent.get('version', 1)} of {root}")
+    if sharded:
+        entries = _kept_shards(parts, parent, root, number, drop, progress)
+        images, captions = sum(e["images"] for e in entries), sum(e["captions"] for e in entries)
+    else:
+        rows = kept(parts[0].rows(), drop)
+        images, captions = len(rows.vectors), _caption_count(rows)
     change = {"kind": "delete", "deleted": int(drop.sum()), "ids": ids[:1000], "scenes": scenes,
-              "deleted_captions": parent.caption_count - (0 if rows.caption_emb is None else len(rows.caption_emb))}
-    manifest = _manifest(parent_uri, parent.manifest, number, rows, change, started)
-    if parent.has_footprints:
-        remaining = set(rows.images["scene"])
-        listed = [s for s in parent.manifest["geo"].get("scene_list", []) if s["scene"] in remaining]
-        manifest["geo"] = {**parent.manifest["geo"], "scene_list": _copy_quicklooks(parent_uri, uri, listed),
+              "deleted_captions": int(parent.get("captions", 0)) - captions}
+    manifest = _manifest(parent_uri, parent, number, images, captions, change, started)
+    if geo:
+        remaining = {s for s, gone in zip(row_scenes, drop, strict=True) if not gone}
+        listed = [s for s in parent["geo"].get("scene_list", []) if s["scene"] in remaining]
+        manifest["geo"] = {**parent["geo"], "scene_list": _copy_quicklooks(parent_uri, uri, listed),
                            "scenes": len(listed)}
+    if sharded:
+        manifest["shards"] = entries
+        _write_root(uri, manifest, progress)
+        return manifest
     ann_index = None
-    if parent_ann is not None:
+    if parts[0].ann is not None:
         from harma.index.ann import AnnParams
 
-        ann_index = kept_ann(parent_ann, AnnParams.from_manifest(parent.manifest["ann"]), rows.vectors, progress)
-    progress(f"deleting {change['deleted']} of {parent.size} images from version "
-             f"{parent.manifest.get('version', 1)} of {root}")
+        ann_index = kept_ann(parts[0].ann, AnnParams.from_manifest(parent["ann"]), rows.vectors, progress)
     _write(uri, manifest, rows, ann_index, progress)
     return manifest

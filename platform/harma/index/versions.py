@@ -6,8 +6,10 @@ An index root is what `harma index build` writes (version 1, `harma.serve.index`
 root). `harma index add` and `harma index delete` (harma.index.update) never touch an existing
 version: each writes a whole new index under `<root>/versions/NNNNN/`, its manifest last, naming
 its `version`, `parent` (the URI it was made from), `root_uri` and `change` (kind, counts, the
-corpus or the ids). A replica serving one version keeps serving it while another is written;
-serving moves to a version by the deployment's `user_config: {index_uri: <version URI>}`.
+corpus or the ids); a sharded version writes only the shards it changes, under its folder, and
+lists the others where they are (harma.index.shards). A replica serving one version keeps serving
+it while another is written; serving moves to a version by the Retriever deployment's
+`user_config: {index_uri: <version URI>}` (a sharded one: of the same shard count).
 
 One updater at a time writes to a root: a version folder that already holds files is refused.
 """
@@ -43,8 +45,11 @@ def list_versions(root: str) -> list[dict[str, Any]]:
         raise ValueError(f"{root} is version {first.get('version')} of the index at {first['root_uri']}; "
                          f"list that root")
     found = [(1, root, first)]
-    for path in storage.list_files(storage.join(root, VERSIONS), suffix="/" + MANIFEST):
+    versions = storage.join(root, VERSIONS)
+    for path in storage.list_files(versions, suffix="/" + MANIFEST):
         folder = path[: -len(MANIFEST) - 1]
+        if folder.rsplit("/", 1)[0].rstrip("/") != versions.rstrip("/"):
+            continue  # a shard of a sharded version (versions/NNNNN/shards/MMMMM), not a version
         manifest = read_manifest(folder)
         found.append((int(manifest.get("version", 0)), folder, manifest))
     found.sort(key=lambda item: item[0])

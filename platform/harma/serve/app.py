@@ -24,7 +24,9 @@ HTTP API (OpenAPI at /openapi.json, interactive docs at /docs; the web page at /
 
 Set the environment variable named by `api_key_env` (default HARMA_API_KEY) on the replicas to
 require `X-API-Key: <key>` or `Authorization: Bearer <key>` on /v1/*. The index can be replaced
-without a restart by setting the deployment's `user_config: {index_uri: ...}`.
+without a restart by setting the deployment's `user_config: {index_uri: ...}`; a sharded index by
+setting it on the Retriever to another version of the same shard count (harma index add/delete
+write one), which its IndexShard deployments load shard by shard (harma.serve.shard).
 """
 # No `from __future__ import annotations` here: FastAPI must see real types on the route methods.
 
@@ -287,16 +289,19 @@ class Retriever:
 
             manifest = read_manifest(uri)
             check_index_matches(manifest, self.args.checkpoint_uri, self.fingerprint)
-            if uri != self.args.index_uri or not is_sharded(manifest):
-                raise ValueError(f"{uri}: this application serves the {len(self.shards)} shards of "
-                                 f"{self.args.index_uri}; another index is served by deploying the application "
-                                 f"again with it (args.index_uri), not through user_config")
+            count = len(manifest.get("shards") or [])
+            if count != len(self.shards):
+                raise ValueError(f"{uri} is an index of {count or 'no'} shards; this application deploys "
+                                 f"{len(self.shards)} (IndexShard0..{len(self.shards) - 1}): an index of another "
+                                 f"shard count is served by deploying the application again with it "
+                                 f"(args.index_uri), not through user_config")
             return Loaded(uri, ShardedIndex(manifest), {})
         return load_served(uri, self.args.checkpoint_uri, self.fingerprint, self.encoder.device)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """`user_config: {index_uri: ...}` swaps the index in place: no restart, no lost request. An
-        index that fails to load (missing, of another checkpoint, corrupt) leaves the replica serving
+        index that fails to load (missing, of another checkpoint, corrupt; for a sharded index, a
+        shard any shard deployment cannot load, or another shard count) leaves the replica serving
         the one it has, the failure in /v1/info's `index_error` and the metrics."""
         unknown = sorted(set(user_config or {}) - {"index_uri"})
         if unknown:
@@ -305,6 +310,9 @@ class Retriever:
         if uri and uri != self.state.uri:
             try:
                 loaded = await asyncio.get_running_loop().run_in_executor(None, self._load, uri)
+                # a sharded index: every shard deployment loads its shard of the version before the
+                # first query is sent for it (a replica that has not yet loads it at that query)
+                await asyncio.gather(*(shard.prepare.remote(uri) for shard in self.shards))
             except Exception as err:  # a version that cannot load: keep serving the one loaded
                 self.index_error = {"index_uri": uri, "message": f"{type(err).__name__}: {err}"[:500],
                                     "at": time.time()}
@@ -361,7 +369,8 @@ class Retriever:
     async def _sharded_answers(self, jobs: list[Job], embeddings: list[np.ndarray]) -> list[dict[str, Any] | ApiError]:
         """Each job's answer from every shard (one handle call a shard and gallery for the whole
         group), merged: the k best of the shards' k best, suppressed after the merge for a scene index."""
-        index = self.state.index
+        loaded = self.state  # the version the whole group is answered from, asked of every shard
+        index = loaded.index
         answers: list[dict[str, Any] | ApiError] = [None] * len(jobs)  # type: ignore[list-item]
         for target in ("images", "captions"):
             rows = [i for i, j in enumerate(jobs) if j.target == target]
@@ -373,7 +382,7 @@ class Retriever:
                 continue
             emb = np.stack([embeddings[i] for i in rows])
             specs = [jobs[i].for_search() for i in rows]
-            pending = [shard.search.remote(target, emb, specs) for shard in self.shards]  # all sent, then awaited
+            pending = [shard.search.remote(target, emb, specs, loaded.uri) for shard in self.shards]  # all sent, then awaited
             per_shard = [await response for response in pending]
             for n, i in enumerate(rows):
                 parts = [answer[n] for answer in per_shard]
@@ -508,8 +517,9 @@ class Retriever:
         self._authorize(request)
         data = self.state.index.thumbnail(item_id)  # a dictionary lookup, never a file path
         if data is None and self.shards:
-            data = next((d for d in await asyncio.gather(*(s.thumbnail.remote(item_id) for s in self.shards)) if d),
-                        None)
+            version = self.state.uri
+            found = await asyncio.gather(*(shard.thumbnail.remote(item_id, version) for shard in self.shards))
+            data = next((d for d in found if d), None)
         if data is None:
             raise ApiError(404, f"no thumbnail for {item_id!r} in this index")
         return Response(data, media_type="image/jpeg")
@@ -581,10 +591,9 @@ def build_app(args: dict[str, Any]) -> ray.serve.Application:
     check_index_matches(manifest, parsed.checkpoint_uri, checkpoint_fingerprint(parsed.checkpoint_uri))
     if not is_sharded(manifest):
         return Retriever.bind(parsed.model_dump())
-    from harma import storage
     from harma.serve.shard import IndexShard
 
     shards = [IndexShard.options(name=f"IndexShard{i}").bind(
-        {"checkpoint_uri": parsed.checkpoint_uri, "index_uri": storage.join(parsed.index_uri, shard["uri"])})
-        for i, shard in enumerate(manifest["shards"])]
+        {"checkpoint_uri": parsed.checkpoint_uri, "index_uri": parsed.index_uri, "position": i})
+        for i in range(len(manifest["shards"]))]
     return Retriever.bind(parsed.model_dump(), *shards)

@@ -628,9 +628,10 @@ def build_index(cfg: IndexConfig, progress=log.info) -> dict[str, Any]:
         "precision": precision_record(cfg, corpus.image_emb, corpus.caption_emb, corpus.captions, corpus.meta,
                                       progress),
     }
-    slices = _shard_plan(cfg, corpus)
+    slices, capacity = _shard_plan(cfg, corpus)
     ann_parts = _approximate(cfg, corpus, slices, manifest, progress)
     if len(slices) > 1:
+        manifest["shard_images_max"] = capacity
         _write_shards(cfg, manifest, corpus, slices, ann_parts, progress)
     else:
         save_index(cfg.output_uri, EmbeddingIndex(manifest, corpus.image_emb, corpus.meta, corpus.caption_emb,
@@ -640,18 +641,18 @@ def build_index(cfg: IndexConfig, progress=log.info) -> dict[str, Any]:
     return manifest
 
 
-def _shard_plan(cfg: IndexConfig, corpus: EmbeddedCorpus) -> list[tuple[int, int]]:
-    """The slices of the gallery each shard holds, from the RAM a vector costs in the index's ANN
-    kind; one slice without `max_shard_bytes`."""
+def _shard_plan(cfg: IndexConfig, corpus: EmbeddedCorpus) -> tuple[list[tuple[int, int]], int | None]:
+    """(the slices of the gallery each shard holds, the most images a shard may hold), from the RAM
+    a vector costs in the index's ANN kind; one slice (and no bound) without `max_shard_bytes`."""
     from harma.index.ann import ram_bytes_per_vector
-    from harma.index.shards import plan_shards
+    from harma.index.shards import plan_shards, shard_capacity
 
     n = len(corpus.image_emb)
     if cfg.max_shard_bytes is None:
-        return [(0, n)]
+        return [(0, n)], None
     params = _ann_params(cfg, corpus)
     per_vector = ram_bytes_per_vector(params.kind, corpus.image_emb.shape[1], params.pq_m, cfg.ann_params.hnsw_m)
-    return plan_shards(n, per_vector, cfg.max_shard_bytes)
+    return plan_shards(n, per_vector, cfg.max_shard_bytes), shard_capacity(per_vector, cfg.max_shard_bytes)
 
 
 def _write_shards(cfg: IndexConfig, manifest: dict, corpus: EmbeddedCorpus, slices: list[tuple[int, int]],

@@ -275,8 +275,10 @@ def index_file(uri: str, manifest: dict[str, Any], name: str) -> str:
 def load_index(uri: str) -> EmbeddingIndex:
     manifest = read_manifest(uri)
     if manifest.get("shards"):
+        from harma.index.shards import shard_location
+
         raise ValueError(f"{uri} is an index of {len(manifest['shards'])} shards (harma.index.shards): load one "
-                         f"of them ({storage.join(uri, manifest['shards'][0]['uri'])}, ...) or serve the whole")
+                         f"of them ({shard_location(uri, manifest, 0)}, ...) or serve the whole")
     ann = None
     if _ann_kind(manifest) == "exact":
         image_emb = np.load(io.BytesIO(storage.read_bytes(storage.join(uri, "images.npy"))), allow_pickle=False)
