@@ -349,6 +349,11 @@ class AnnConfig(_Section):
     hnsw_m: int = Field(32, ge=4, description="hnsw links a vector.")
     ef_search: int = Field(0, ge=0, description="hnsw candidate list a query (0: 256).")
     rerank: int = Field(50, ge=1, description="Candidates re-scored exactly from the fp16 vectors: rerank x k.")
+    target_recall: float | None = Field(
+        0.95, gt=0, le=1, description="The build raises nprobe (IVF) or ef_search (HNSW), doubling, until "
+        "queries find this share of their exact top 10 (caption queries of the index's captions, else its "
+        "images; at most 200, measured on the first shard); the manifest's `ann.tuned` records it. null: "
+        "the planned values as they are.")
     train_rows: int = Field(
         0, ge=0, description="IVF: vectors the cells are trained on (0: 64 a cell, at most 262,144), a sample "
         "of the corpus streamed through the embedding actors before the whole is embedded.")

@@ -229,3 +229,76 @@ def test_a_codec_is_trained_on_at_most_its_train_rows_and_refuses_a_sample_small
         trained_codec(vectors[:10], params)
     with pytest.raises(ValueError, match="a hnsw index has no trained codec"):
         trained_codec(vectors, plan_ann("hnsw", 100, 64, 1))
+
+
+def _recall(searcher, queries, truth, k=10):
+    found = searcher.search(queries, [k] * len(queries), [None] * len(queries))
+    return float(np.mean([len(set(rows) & set(t)) / k for (_, rows), t in zip(found, truth, strict=True)]))
+
+
+def test_exact_top_k_in_chunks_is_the_full_sort(data):
+    from harma.index.ann import exact_top_k
+
+    vectors, queries, _ = data
+    full = np.argsort(-(queries @ vectors.T), axis=1, kind="stable")[:, :10]
+    np.testing.assert_array_equal(exact_top_k(queries, vectors, 10, chunk=3_000), full)
+
+
+def test_the_build_tunes_nprobe_to_the_smallest_doubling_that_meets_the_target(data):
+    """Queries off the gallery's cone (the modality gap of text queries) miss at the planned
+    nprobe 1 of 64 cells; tuning doubles it until 0.95 of the brute-force top 10 is found (brute
+    force over the fp16 vectors here, independently of the tuner's float32 truth) and no further."""
+    from harma.index.ann import tune_search
+
+    vectors, queries, vectors16 = data
+    tune_q, test_q = queries[:20], queries[20:]
+    params = AnnParams(kind="ivf_flat", nlist=64, nprobe=1, rerank=2, train_rows=64 * 64)
+    index = build_ann(vectors, params)
+    tuned, record = tune_search(index, vectors, params, tune_q, 0.95)
+    truth = [_exact(vectors16, q, 10)[0] for q in tune_q]
+    assert record["knob"] == "nprobe" and record["planned"] == 1 and record["met"]
+    assert tuned.nprobe == record["chosen"] > 1 and (tuned.nlist, tuned.rerank) == (64, 2)
+    assert [v for v, _ in record["tried"]] == [2 ** i for i in range(len(record["tried"]))]
+    assert _recall(AnnSearcher(index, vectors16, tuned), tune_q, truth) >= 0.95
+    half = AnnParams(**{**params.to_manifest(), "nprobe": tuned.nprobe // 2})
+    assert _recall(AnnSearcher(index, vectors16, half), tune_q, truth) < 0.95  # the smallest that meets it
+    # on queries it was not tuned on, the tuned probe still finds far more than the planned one
+    test_truth = [_exact(vectors16, q, 10)[0] for q in test_q]
+    assert _recall(AnnSearcher(index, vectors16, tuned), test_q, test_truth) > \
+        _recall(AnnSearcher(index, vectors16, params), test_q, test_truth) + 0.2
+
+
+def test_a_target_out_of_reach_stops_at_every_cell_and_says_so(data):
+    from harma.index.ann import tune_search
+
+    vectors, queries, _ = data
+    params = AnnParams(kind="ivf_pq", nlist=16, nprobe=4, pq_m=4, rerank=1, train_rows=16 * 64)
+    index = build_ann(vectors, params)  # 4-byte codes, no re-rank beyond k: never all of the exact top 10
+    tuned, record = tune_search(index, vectors, params, queries[:20], 1.0)
+    assert record["met"] is False and record["recall_at_10"] < 1.0
+    (*_, (before, had)), (last, got) = record["tried"][:-1], record["tried"][-1]
+    if last == 16 and got - had >= 0.01:  # every cell probed, still short
+        assert tuned.nprobe == 16 and record["recall_at_10"] == got
+    else:  # a doubling that gained under 0.01: the value before it is kept
+        assert got - had < 0.01 and tuned.nprobe == before == last // 2 and record["recall_at_10"] == had
+
+
+def test_tuning_stops_where_a_doubling_no_longer_pays(data, monkeypatch):
+    """Recall 0.5, 0.7, 0.705 at ef_search 16, 32, 64 (target 0.95): 64 adds 0.005, so 32 is kept."""
+    from harma.index import ann
+
+    vectors, queries, _ = data
+    recalls = iter([0.5, 0.7, 0.705])
+    truth = ann.exact_top_k(queries[:4], vectors, 10)
+
+    class Fake:
+        def __init__(self, index, rows, params):
+            self.params = params
+
+        def search(self, q, ks, masks):
+            share = next(recalls)
+            return [([], t[:round(share * 10)].tolist() + [-1] * (10 - round(share * 10))) for t in truth]
+
+    monkeypatch.setattr(ann, "AnnSearcher", Fake)
+    tuned, record = ann.tune_search(None, vectors, AnnParams(kind="hnsw", hnsw_m=8, ef_search=16), queries[:4], 0.95)
+    assert record["tried"] == [[16, 0.5], [32, 0.7], [64, 0.7]] and tuned.ef_search == 32 and not record["met"]

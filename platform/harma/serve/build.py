@@ -285,7 +285,7 @@ def _ann_params(cfg: IndexConfig, corpus: EmbeddedCorpus):
     if corpus.ann is not None:
         return AnnParams.from_manifest(corpus.ann)
     return plan_ann(cfg.ann, len(corpus.image_emb), corpus.image_emb.shape[1], cfg.ann_params.memory_budget_bytes,
-                    **cfg.ann_params.model_dump(exclude={"memory_budget_bytes"}))
+                    **cfg.ann_params.model_dump(exclude={"memory_budget_bytes", "target_recall"}))
 
 
 def _approximate(cfg: IndexConfig, corpus: EmbeddedCorpus, slices: list[tuple[int, int]], manifest: dict,
@@ -320,7 +320,34 @@ def _approximate(cfg: IndexConfig, corpus: EmbeddedCorpus, slices: list[tuple[in
     manifest["ann"]["build_seconds"] = round(time.perf_counter() - started, 2)
     progress(f"  ANN {params.kind} over {len(vectors)} images in {manifest['ann']['build_seconds']} s"
              f"{' (codes from the embedding actors)' if corpus.codes is not None else ''}")
+    if cfg.ann_params.target_recall is not None:
+        _tune(cfg, corpus, parts[0], vectors[slices[0][0]:slices[0][1]], params, manifest, progress)
     return parts
+
+
+TUNE_QUERIES = 200
+
+
+def _tune(cfg: IndexConfig, corpus: EmbeddedCorpus, part, vectors: np.ndarray, params, manifest: dict,
+          progress) -> None:
+    """The search knob of the first slice's ANN index tuned to `ann_params.target_recall`
+    (harma.index.ann.tune_search) on up to TUNE_QUERIES caption embeddings (text -> image, as users
+    search), else image embeddings, drawn with a fixed seed; recorded in `manifest["ann"]`."""
+    from harma.index.ann import tune_search
+
+    rng = np.random.default_rng(SAMPLE_SEED)
+    captions = corpus.caption_emb is not None and len(corpus.caption_emb) > 0
+    pool = corpus.caption_emb if captions else vectors
+    queries = np.asarray(pool[np.sort(rng.choice(len(pool), min(TUNE_QUERIES, len(pool)), replace=False))],
+                         np.float32)
+    started = time.perf_counter()
+    tuned, record = tune_search(part, vectors, params, queries, cfg.ann_params.target_recall)
+    record.update(query_source="captions" if captions else "images", seconds=round(time.perf_counter() - started, 2))
+    manifest["ann"].update(tuned.to_manifest(), tuned=record)
+    progress(f"  ANN search tuned: {record['knob']} {record['planned']} -> {record['chosen']}, recall@10 "
+             f"{record['recall_at_10']:.3f} on {record['queries']} {record['query_source'][:-1]} queries (target "
+             f"{record['target_recall']}{'' if record['met'] else ': NOT met at the largest value tried'}, "
+             f"{record['seconds']} s)")
 
 
 def precision_record(cfg: IndexConfig, image_emb: np.ndarray, caption_emb: np.ndarray | None,
@@ -453,7 +480,7 @@ def _streamed_codec(cfg: IndexConfig, arch, skip: frozenset[str], total: int | N
 
         total = count_tiles(archive["scenes"], cfg.geo.model_dump(), arch.image_size)
     params = plan_ann(cfg.ann, max(total, 1), arch.embed_dim, cfg.ann_params.memory_budget_bytes,
-                      **cfg.ann_params.model_dump(exclude={"memory_budget_bytes"}))
+                      **cfg.ann_params.model_dump(exclude={"memory_budget_bytes", "target_recall"}))
     if not encoded_by_codes(params.kind) or params.train_rows * SAMPLE_AT_MOST > total:
         return None, None
     fraction = min(1.0, SAMPLE_MARGIN * params.train_rows / total)
