@@ -80,3 +80,15 @@ def test_default_is_os_environ(monkeypatch):
         monkeypatch.delenv(var)
     assert ensure_fast_ingress() == "haproxy"
     assert os.environ[HAPROXY_FLAG] == "1"
+
+
+def test_the_clusters_haproxy_folder_is_removed_when_its_process_ends(tmp_path):
+    import subprocess
+    import sys
+
+    script = ("import os; from harma.serve.ingress import ensure_fast_ingress; env = {}; ensure_fast_ingress(env); "
+              "folder = env['RAY_SERVE_HAPROXY_SERVER_STATE_BASE']; open(os.path.join(folder, 'haproxy.cfg'), 'w'); "
+              "print(folder)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    folder = out.stdout.strip()
+    assert folder and "harma-haproxy-" in folder and not os.path.exists(folder)

@@ -24,6 +24,7 @@ user's: nothing here overrides a value already set).
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import socket
@@ -106,6 +107,8 @@ def ensure_fast_ingress(environ: MutableMapping[str, str] | None = None) -> str:
             env[var] = str(_free_port())
     if not any(env.get(var) for var in PATH_VARS):  # a user who placed any of them placed them all
         folder = tempfile.mkdtemp(prefix="harma-haproxy-")
+        # removed when this process ends: the local cluster it starts (and its HAProxy) ends with it
+        atexit.register(shutil.rmtree, folder, True)
         for var, name in PATH_VARS.items():
             env[var] = os.path.join(folder, name) if name else folder
     return "haproxy"
