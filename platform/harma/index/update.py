@@ -249,7 +249,8 @@ def _write_shard(root: str, number: int, position: int, template: dict, rows: Ro
 
     relative = f"{VERSIONS}/{number:05d}/{shard_name(position)}"
     manifest = {**template, "version": number, "images": len(rows.vectors), "captions": _caption_count(rows),
-                "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "shard": {"position": position}}  # the root manifest's list says the rest
     save_index(storage.join(root, relative), EmbeddingIndex(manifest, rows.vectors, rows.images, rows.caption_emb,
                                                             rows.captions), ann_index)
     return {"uri": relative, "images": manifest["images"], "captions": manifest["captions"]}
