@@ -279,15 +279,20 @@ def cmd_index_add(args: argparse.Namespace) -> int:
     ensure_ray()
     manifest = add_to_index(args.index, settings, progress=logging.getLogger("harma").info)
     print(f"index version {manifest['version']}: +{manifest['change']['added']} images "
-          f"(+{manifest['change']['added_captions']} captions) -> {manifest['images']} images; serve it with "
-          f"user_config: {{index_uri: {_version_uri(manifest)}}}")
+          f"(+{manifest['change']['added_captions']} captions) -> {manifest['images']} images; {_how_to_serve(manifest)}")
     return 0
 
 
-def _version_uri(manifest: dict) -> str:
+def _how_to_serve(manifest: dict) -> str:
+    """How a running application moves to the version an update wrote."""
     from harma.index.versions import version_uri
 
-    return version_uri(manifest["root_uri"], manifest["version"])
+    uri = version_uri(manifest["root_uri"], manifest["version"])
+    before, after = manifest["change"].get("shards") or (None, None)
+    if before != after:
+        return (f"its shard count changed ({before} -> {after}): serve it by deploying the application again "
+                f"with args.index_uri: {uri}")
+    return f"serve it with user_config: {{index_uri: {uri}}}"
 
 
 def cmd_index_delete(args: argparse.Namespace) -> int:
@@ -301,8 +306,7 @@ def cmd_index_delete(args: argparse.Namespace) -> int:
     manifest = delete_from_index(args.index, ids, args.scene or [], args.missing_ok,
                                  progress=logging.getLogger("harma").info)
     print(f"index version {manifest['version']}: -{manifest['change']['deleted']} images "
-          f"(-{manifest['change']['deleted_captions']} captions) -> {manifest['images']} images; serve it with "
-          f"user_config: {{index_uri: {_version_uri(manifest)}}}")
+          f"(-{manifest['change']['deleted_captions']} captions) -> {manifest['images']} images; {_how_to_serve(manifest)}")
     return 0
 
 

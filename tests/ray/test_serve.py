@@ -582,6 +582,37 @@ def test_an_approximate_index_serves_the_exact_answers_with_its_filters(service,
     SERVED_ANN.append(approx)
 
 
+def test_replicas_export_their_metrics_on_rays_metrics_endpoint(service):
+    """Before the sharded test below: it deploys the application again (new replicas), and the
+    approximate index's gauge lives only as long as the replica that served it."""
+    url = service["url"]
+    assert requests.post(url + "v1/text-to-images", json={"text": "", "k": 5}, timeout=30).status_code == 422
+    for _ in range(3):
+        requests.post(url + "v1/text-to-images", json={"text": "a river", "k": 3}, timeout=30).raise_for_status()
+    # Exports are periodic: wait until the series of this module's requests (and of the approximate
+    # index's re-ranking, when it was served) have reached the endpoint.
+    samples = _scrape(['ray_harma_request_errors_total{', 'endpoint="/v1/text-to-images"',
+                       "ray_harma_queries_per_forward_pass_count", "ray_harma_index_images"]
+                      + (["ray_harma_ann_candidates_reranked_total"] if SERVED_ANN else []))
+    for (name, items), value in sorted(samples.items()):  # the scrape, for the record (pytest -s)
+        if name.startswith("ray_harma_") and not name.endswith("_bucket"):
+            print(name, {k: v for k, v in items if k in ("endpoint", "status", "kind", "version")}, value)
+    text_200 = _total(samples, "ray_harma_request_latency_ms_count", endpoint="/v1/text-to-images", status="200")
+    assert text_200 >= 3
+    assert _total(samples, "ray_harma_request_errors_total", endpoint="/v1/text-to-images", status="422") >= 1
+    assert _total(samples, "ray_harma_request_errors_total", status="200") == 0  # errors are 4xx/5xx only
+    assert _total(samples, "ray_harma_queries_per_forward_pass_count", kind="text") >= 3
+    # The index gauge, by version: the sizes of the indexes this module served (40 all, 6 test-only)
+    # or 0 for a version a replica moved away from (an export may lag the latest swap).
+    images = [v for (n, items), v in samples.items() if n == "ray_harma_index_images" and ("kind", "exact") in items]
+    assert images and set(images) <= {40.0, 6.0, 0.0}
+    assert any(n == "ray_harma_queue_depth" for n, _ in samples)
+    if SERVED_ANN:  # the approximate index served above: its re-ranking counted, its gauge by kind
+        assert _total(samples, "ray_harma_ann_candidates_reranked_total") >= 40
+        ivf = [v for (n, items), v in samples.items() if n == "ray_harma_index_images" and ("kind", "ivf_flat") in items]
+        assert ivf and set(ivf) <= {40.0, 0.0}
+
+
 def test_an_index_of_three_shards_answers_over_http_as_the_unsharded_one(service, tmp_path):
     """`index.max_shard_bytes` below the index's size: the build writes 3 shards; the application
     deploys an IndexShard deployment for each behind the ingress, which encodes once, fans out
@@ -743,35 +774,6 @@ def _scrape(needles: list[str], seconds: float = 90) -> dict[tuple, float]:
 
 def _total(samples: dict[tuple, float], name: str, **labels: str) -> float:
     return sum(v for (n, items), v in samples.items() if n == name and labels.items() <= dict(items).items())
-
-
-def test_replicas_export_their_metrics_on_rays_metrics_endpoint(service):
-    url = service["url"]
-    assert requests.post(url + "v1/text-to-images", json={"text": "", "k": 5}, timeout=30).status_code == 422
-    for _ in range(3):
-        requests.post(url + "v1/text-to-images", json={"text": "a river", "k": 3}, timeout=30).raise_for_status()
-    # Exports are periodic: wait until the series of this module's requests (and of the approximate
-    # index's re-ranking, when it was served) have reached the endpoint.
-    samples = _scrape(['ray_harma_request_errors_total{', 'endpoint="/v1/text-to-images"',
-                       "ray_harma_queries_per_forward_pass_count", "ray_harma_index_images"]
-                      + (["ray_harma_ann_candidates_reranked_total"] if SERVED_ANN else []))
-    for (name, items), value in sorted(samples.items()):  # the scrape, for the record (pytest -s)
-        if name.startswith("ray_harma_") and not name.endswith("_bucket"):
-            print(name, {k: v for k, v in items if k in ("endpoint", "status", "kind", "version")}, value)
-    text_200 = _total(samples, "ray_harma_request_latency_ms_count", endpoint="/v1/text-to-images", status="200")
-    assert text_200 >= 3
-    assert _total(samples, "ray_harma_request_errors_total", endpoint="/v1/text-to-images", status="422") >= 1
-    assert _total(samples, "ray_harma_request_errors_total", status="200") == 0  # errors are 4xx/5xx only
-    assert _total(samples, "ray_harma_queries_per_forward_pass_count", kind="text") >= 3
-    # The index gauge, by version: the sizes of the indexes this module served (40 all, 6 test-only)
-    # or 0 for a version a replica moved away from (an export may lag the latest swap).
-    images = [v for (n, items), v in samples.items() if n == "ray_harma_index_images" and ("kind", "exact") in items]
-    assert images and set(images) <= {40.0, 6.0, 0.0}
-    assert any(n == "ray_harma_queue_depth" for n, _ in samples)
-    if SERVED_ANN:  # the approximate index served above: its re-ranking counted, its gauge by kind
-        assert _total(samples, "ray_harma_ann_candidates_reranked_total") >= 40
-        ivf = [v for (n, items), v in samples.items() if n == "ray_harma_index_images" and ("kind", "ivf_flat") in items]
-        assert ivf and set(ivf) <= {40.0, 0.0}
 
 
 def test_the_api_keeps_its_openapi_contract_under_a_property_based_fuzzer(service, tmp_path):

@@ -315,6 +315,7 @@ def test_delete_from_a_sharded_index_rewrites_only_the_shards_it_touches(tmp_pat
     root, rows = _sharded(tmp_path, [4, 4, 4], capacity=5)
     assert main(["index", "delete", "--index", root, "--ids", "img/1.png", "img/9.png", "img/10.png"]) == 0
     v2 = version_uri(root, 2)
+    assert f"-> 9 images; serve it with user_config: {{index_uri: {v2}}}" in capsys.readouterr().out
     manifest = json.loads((tmp_path / "sharded" / "versions" / "00002" / "manifest.json").read_text())
     # shard 1 untouched: listed where version 1 keeps it; shards 0 and 2 rewritten under version 2
     assert [(e["uri"], e["images"], e["captions"], e["first_row"]) for e in manifest["shards"]] == \
@@ -329,8 +330,11 @@ def test_delete_from_a_sharded_index_rewrites_only_the_shards_it_touches(tmp_pat
     assert not (tmp_path / "sharded" / "versions" / "00002" / "shards" / "00001").exists()
     # version 3 from version 2: shards of both earlier versions listed, the emptied shard left out
     assert main(["index", "delete", "--index", v2, "--ids", "img/8.png", "img/11.png", "img/0.png"]) == 0
+    out = capsys.readouterr().out
     assert "shard 3/3: all 2 images deleted, the shard is left out; serving this version needs the application " \
-           "deployed again" in capsys.readouterr().out
+           "deployed again" in out
+    assert f"its shard count changed (3 -> 2): serve it by deploying the application again with args.index_uri: " \
+           f"{version_uri(root, 3)}" in out
     v3 = json.loads((tmp_path / "sharded" / "versions" / "00003" / "manifest.json").read_text())
     assert [(e["uri"], e["images"]) for e in v3["shards"]] == [("versions/00003/shards/00000", 2),
                                                               ("shards/00001", 4)]

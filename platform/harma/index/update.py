@@ -418,6 +418,7 @@ def add_to_index(index_uri: str, settings: dict[str, Any] | None = None, progres
               "embed_seconds": round(time.perf_counter() - started, 2)}
     if sharded:
         entries = _added_shards(parts, parent, root, number, new, corpus.codes, progress)
+        change["shards"] = [len(parts), len(entries)]
         manifest = _manifest(parent_uri, parent, number, size + len(new.vectors),
                              int(parent.get("captions", 0)) + _caption_count(new), change, started)
         manifest["shards"] = entries
@@ -468,7 +469,8 @@ def delete_from_index(index_uri: str, ids: list[str] = (), scenes: list[str] = (
         rows = kept(parts[0].rows(), drop)
         images, captions = len(rows.vectors), _caption_count(rows)
     change = {"kind": "delete", "deleted": int(drop.sum()), "ids": ids[:1000], "scenes": scenes,
-              "deleted_captions": int(parent.get("captions", 0)) - captions}
+              "deleted_captions": int(parent.get("captions", 0)) - captions,
+              **({"shards": [len(parts), len(entries)]} if sharded else {})}
     manifest = _manifest(parent_uri, parent, number, images, captions, change, started)
     if geo:
         remaining = {s for s, gone in zip(row_scenes, drop, strict=True) if not gone}
