@@ -42,6 +42,10 @@ KEPT_SHARDS = 3  # loaded shards a replica keeps: the served version's, the one 
     ray_actor_options={"num_cpus": 0.5},
     health_check_period_s=10,
     graceful_shutdown_timeout_s=20,
+    # No access log line per call: each query is one call per shard (S lines a query beside the
+    # ingress's own; writing them cost a replica ~12% of its event loop in benchmarks/serve_latency.py).
+    # A serve config turns it on under `deployments: - name: IndexShard0 ...` to debug.
+    logging_config={"enable_access_log": False},
 )
 class IndexShard:
     """Shard `args.position` of the index versions it is asked for; `search` answers a batch of
