@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from harma import storage
+from harma.index.shards import is_sharded
 from harma.index.versions import VERSIONS, next_version, root_of
 from harma.serve.index import (
     EmbeddingIndex,
@@ -105,6 +106,13 @@ def kept(rows: Rows, drop: np.ndarray) -> Rows:
                 "image": [rows.captions["image"][i] for i in take],
                 "image_row": [int(new_row[image_rows[i]]) for i in take]}
     return Rows(vectors, images, np.asarray(rows.caption_emb[take], np.float32), captions)
+
+
+def sliced(rows: Rows, first: int, end: int) -> Rows:
+    """Images `first`..`end - 1` of `rows` with their captions (pointing at their new rows)."""
+    drop = np.ones(len(rows.vectors), dtype=bool)
+    drop[first:end] = False
+    return kept(rows, drop)
 
 
 def drop_flags(index_ids: list[str], scenes_of_rows: list[str] | None, ids: list[str], scenes: list[str],
@@ -201,7 +209,7 @@ class Part:
 def _parent(uri: str) -> tuple[str, dict, list[Part]]:
     """(absolute URI, manifest, parts: the index itself, or its shards by position) of the version
     an update starts from, checked against its checkpoint as it is stored now."""
-    from harma.index.shards import is_sharded, shard_location
+    from harma.index.shards import shard_location
     from harma.serve.index import read_manifest
 
     uri = storage.absolute(uri)
@@ -232,11 +240,9 @@ def _write(uri: str, manifest: dict, rows: Rows, ann_index, progress) -> None:
 
 def _write_root(uri: str, manifest: dict, progress) -> None:
     """A sharded version's root manifest, written after its shards (a reader never sees half a version)."""
-    import json
+    from harma.serve.index import write_manifest
 
-    from harma.serve.index import MANIFEST
-
-    storage.write_bytes(storage.join(uri, MANIFEST), json.dumps(manifest, indent=1).encode())
+    write_manifest(uri, manifest)
     progress(f"index version {manifest['version']} written to {uri}: {manifest['images']} images, "
              f"{manifest['captions']} captions in {len(manifest['shards'])} shards "
              f"({manifest['build_seconds']:.1f} s)")
@@ -302,10 +308,6 @@ def _new_ann(parts: list[Part], manifest: dict, new: Rows, codes: np.ndarray | N
     return _added_ann(_codec_of(parts[-1].ann, manifest), new, codes, progress)
 
 
-def _slice(rows: Rows, first: int, end: int) -> Rows:
-    drop = np.ones(len(rows.vectors), dtype=bool)
-    drop[first:end] = False
-    return kept(rows, drop)
 
 
 def _added_shards(parts: list[Part], manifest: dict, root: str, number: int, new: Rows, codes: np.ndarray | None,
@@ -322,7 +324,7 @@ def _added_shards(parts: list[Part], manifest: dict, root: str, number: int, new
         if not count:
             entries.append(manifest["shards"][position])
             continue
-        batch = _slice(new, first, first + count)
+        batch = sliced(new, first, first + count)
         batch_codes = None if codes is None else codes[first:first + count]
         entries.append(_write_shard(root, number, position, part.manifest, appended(part.rows(), batch),
                                     _added_ann(part.ann, batch, batch_codes, progress)))
@@ -332,7 +334,7 @@ def _added_shards(parts: list[Part], manifest: dict, root: str, number: int, new
         from harma.index.shards import plan_shards
 
         for start, end in plan_shards(left, 1.0, capacity):
-            batch = _slice(new, first + start, first + end)
+            batch = sliced(new, first + start, first + end)
             batch_codes = None if codes is None else codes[first + start:first + end]
             position = len(entries)
             entries.append(_write_shard(root, number, position, parts[-1].manifest, batch,
@@ -397,7 +399,7 @@ def add_to_index(index_uri: str, settings: dict[str, Any] | None = None, progres
 
     started = time.perf_counter()
     parent_uri, parent, parts = _parent(index_uri)
-    sharded = "shards" in parent
+    sharded = is_sharded(parent)
     root = root_of(parent_uri, parent)
     number, uri = next_version(root)
     cfg = _prepare(add_config(parent, uri, dict(settings or {})))
@@ -454,7 +456,7 @@ def delete_from_index(index_uri: str, ids: list[str] = (), scenes: list[str] = (
     if not ids and not scenes:
         raise ValueError("name what to delete: --ids, --ids-file or --scene")
     parent_uri, parent, parts = _parent(index_uri)
-    sharded = "shards" in parent
+    sharded = is_sharded(parent)
     geo = parent.get("corpus_format") == "geotiff"
     index_ids = [i for p in parts for i in p.column("id")]
     row_scenes = [s for p in parts for s in p.column("scene")] if geo else None

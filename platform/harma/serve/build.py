@@ -686,18 +686,14 @@ def _write_shards(cfg: IndexConfig, manifest: dict, corpus: EmbeddedCorpus, slic
                   ann_parts: list[Any], progress) -> None:
     """Each slice of the gallery (with its images' captions and its part of the FAISS index: the
     whole index's cells) as a whole index under shards/NNNNN/, then the root manifest."""
-    import json
-
     from harma.index.shards import shard_name
-    from harma.index.update import Rows, kept
-    from harma.serve.index import MANIFEST
+    from harma.index.update import Rows, sliced
+    from harma.serve.index import write_manifest
 
     rows = Rows(corpus.image_emb, corpus.meta, corpus.caption_emb, corpus.captions)
     listed = []
     for position, (first, end) in enumerate(slices):
-        drop = np.ones(len(corpus.image_emb), dtype=bool)
-        drop[first:end] = False
-        part = kept(rows, drop)
+        part = sliced(rows, first, end)
         shard = {**manifest, "images": end - first, "captions": 0 if part.caption_emb is None else len(part.caption_emb),
                  "shard": {"position": position, "of": len(slices), "first_row": first}}
         uri = storage.join(cfg.output_uri, shard_name(position))
@@ -708,4 +704,4 @@ def _write_shards(cfg: IndexConfig, manifest: dict, corpus: EmbeddedCorpus, slic
         progress(f"  shard {position + 1}/{len(slices)}: images {first}-{end - 1} ({manifest['ann']['kind']})")
     manifest["shards"] = listed
     manifest["ann"] = {"kind": manifest["ann"]["kind"]}
-    storage.write_bytes(storage.join(cfg.output_uri, MANIFEST), json.dumps(manifest, indent=1).encode())
+    write_manifest(cfg.output_uri, manifest)

@@ -251,7 +251,13 @@ def save_index(uri: str, index: EmbeddingIndex, ann_index: Any = None) -> None:
     if index.caption_emb is not None and index.captions is not None:
         storage.write_bytes(storage.join(uri, "captions.npy"), _npy_bytes(index.caption_emb))
         storage.write_bytes(storage.join(uri, "captions.parquet"), _parquet_bytes(index.captions))
-    storage.write_bytes(storage.join(uri, MANIFEST), json.dumps(index.manifest, indent=1).encode())
+    write_manifest(uri, index.manifest)
+
+
+def write_manifest(uri: str, manifest: dict[str, Any]) -> None:
+    """The manifest of the index at `uri`, written last (its data files first: a reader never sees
+    half an index); a sharded index's root manifest after its shards."""
+    storage.write_bytes(storage.join(uri, MANIFEST), json.dumps(manifest, indent=1).encode())
 
 
 def read_manifest(uri: str) -> dict[str, Any]:
