@@ -374,11 +374,15 @@ class GeoIndexConfig(_Section):
         0.5, ge=0, le=1, description="Tiles with more nodata than this are skipped and counted.")
     max_bad_fraction: float = Field(
         0.1, ge=0, le=1, description="Stop the build when more than this fraction of scenes is unreadable.")
-    windows_per_task: int = Field(
-        256, ge=1, description="Tiles one read task takes from a scene (it opens the scene once; "
-        "overlapping tiles on either side of a task boundary are read twice, so fewer, larger tasks "
-        "read less: in one process 64 gave 0.62 of a single reader's rate on S3, 256 gave 0.80).")
-    tiles_per_output: int = Field(16, ge=1, description="Tiles a read task hands on at a time.")
+    windows_per_task: int | None = Field(
+        None, ge=1, description="Tiles one read task takes from a scene (it opens the scene once; "
+        "overlapping tiles on either side of a task boundary are read twice, and Ray Data leaves a "
+        "CPU idle ~0.2 s between tasks, so fewer, larger tasks read more). null: the archive's tiles "
+        "over 4 tasks a cluster CPU, 128 to 2,048 a task (harma.geo.corpus.auto_unit_windows).")
+    tiles_per_output: int = Field(
+        64, ge=1, description="Tiles a read task hands on at a time (a Ray Data block; the embedding "
+        "actors take 64 a batch). Ray Data's cost per block is the same however many tiles it holds: "
+        "64 cut a read task's CPU a tile 2.65-3.06 -> 2.25-2.44 ms against 16 (benchmarks/geo_tiles.py).")
 
     @model_validator(mode="after")
     def _stride_within_tile(self) -> GeoIndexConfig:

@@ -10,9 +10,16 @@ import pytest
 import rasterio
 from shapely.geometry import shape
 
-from harma.geo.corpus import list_scenes, plan_scene, read_unit
+from harma.geo.corpus import (
+    auto_unit_windows,
+    list_scenes,
+    plan_scene,
+    read_unit,
+    split_units,
+    split_windows,
+)
 from harma.geo.radiometry import PRESETS
-from harma.geo.reader import SceneError, read_header, read_tile
+from harma.geo.reader import BLOCK_CACHE_BYTES, SceneError, read_header, read_tile, scene_env
 from harma.geo.scenes import render, synthesize_scenes
 
 GEO = {"tile_size": 128, "tile_stride": 64, "target_gsd": None, "preset": "generic", "max_nodata_fraction": 0.5,
@@ -94,6 +101,32 @@ def test_a_scene_streams_as_units_of_windows_each_tile_with_its_footprint(archiv
         assert first["gsd"][0] == pytest.approx(ds.res[0])
     statuses = np.concatenate([t["status"] for t in tiles]).tolist()
     assert set(statuses) <= {"ok", "nodata"} and "ok" in statuses
+
+
+def test_read_units_are_cut_near_equal_and_sized_for_the_cluster_when_not_configured():
+    assert [len(r) for r in split_windows(list(range(961)), 481)] == [480, 481]  # not 481 + 480 left over
+    assert [len(r) for r in split_windows(list(range(49)), 20)] == [16, 16, 17]
+    assert sum(split_windows(list(range(49)), 20), []) == list(range(49)) and split_windows([], 5) == [[]]
+    assert auto_unit_windows(3844, 2) == 481  # 3,844 windows over 4 units a CPU of 2: ceil(3844 / 8)
+    assert (auto_unit_windows(100, 64), auto_unit_windows(10**7, 2)) == (128, 2048)  # the bounds
+    whole = [{"uri": f"s{i}", "scene": f"s{i}", "windows": json.dumps([[i, k, 8, 8] for k in range(961)]),
+              "error": ""} for i in range(2)] + [{"uri": "bad", "scene": "bad", "windows": "[]", "error": "cannot open"}]
+    units = split_units(whole, {"windows_per_task": None}, cpus=2)  # 1,922 windows: ceil(1922 / 8) = 241 a unit
+    assert [len(json.loads(u["windows"])) for u in units] == [240, 240, 240, 241] * 2 + [0]
+    assert [u["scene"] for u in units] == ["s0"] * 4 + ["s1"] * 4 + ["bad"] and units[-1]["error"] == "cannot open"
+    assert sum((json.loads(u["windows"]) for u in units[:4]), []) == json.loads(whole[0]["windows"])
+    configured = split_units(whole, {"windows_per_task": 500}, cpus=2)  # at most 500, near-equal
+    assert [len(json.loads(u["windows"])) for u in configured] == [480, 481] * 2 + [0]
+
+
+def test_a_reading_process_bounds_gdals_block_cache_unless_the_user_sets_it(monkeypatch):
+    monkeypatch.delenv("GDAL_CACHEMAX", raising=False)
+    with scene_env():
+        assert rasterio.env.get_gdal_config("GDAL_CACHEMAX") == 128 * 2**20 == BLOCK_CACHE_BYTES
+    monkeypatch.setenv("GDAL_CACHEMAX", "512")  # the user's: scene_env leaves the cache as GDAL has it
+    outside = rasterio.env.get_gdal_config("GDAL_CACHEMAX")
+    with scene_env():
+        assert rasterio.env.get_gdal_config("GDAL_CACHEMAX") == outside != BLOCK_CACHE_BYTES
 
 
 def _write(path, count=4, crs="EPSG:32631", size=64):

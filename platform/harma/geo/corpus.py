@@ -6,7 +6,8 @@ a Ray Data stream of model-sized RGB tiles with their footprints.
 
 Two kinds of task spread the archive over the cluster. Before the stream starts, Ray tasks of
 HEADERS_PER_TASK scenes each read the headers (CRS, grid, time: a few KiB by range) and cut each
-scene's tiling plan into units of `geo.windows_per_task` windows (`plan_units`). The stream is then
+scene's tiling plan into units of windows (`plan_units`: `geo.windows_per_task` at most, or, by
+default, the archive's windows over UNITS_PER_CPU units a cluster CPU). The stream is then
 one Ray Data operator over those units: a task per unit opens the scene and reads only its windows
 (`harma.geo.reader.read_tiles`: the region around a run of windows in one request, at most
 REGION_MAX_BYTES of it, each window then resampled from it), so a scene of any size is never
@@ -20,6 +21,7 @@ nodata as a row with status `nodata`; the index build counts both and lists the 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator
 
@@ -30,6 +32,10 @@ from harma.geo.radiometry import PRESETS
 
 SCENE_EXTENSIONS = (".tif", ".tiff")
 HEADER_CPUS = 0.1  # a header read is a few small range requests
+UNITS_PER_CPU = 4  # read units planned per cluster CPU when geo.windows_per_task is null: Ray Data
+# leaves a CPU idle ~0.2 s between one read task and the next (its scheduling loop), so fewer, larger
+# units lose less; 4 a CPU still lets a CPU that finishes early take another (benchmarks/geo_tiles.py)
+AUTO_UNIT_WINDOWS = (128, 2048)  # the fewest and most windows an automatic unit takes
 TILE_CPUS = 1.0  # reading, resampling and mapping a unit's windows: CPU-bound (GDAL's resampling); at 0.5
 # two ran per core and delivered less (benchmarks/geo_tiles.py, 2 cores: 316 against 507 tiles/s)
 
@@ -88,8 +94,24 @@ def list_scenes(corpus_uri: str) -> tuple[list[dict], list[dict]]:
     return [{"uri": f, "scene": _stem(f), "datetime": ""} for f in files], []
 
 
+def auto_unit_windows(total_windows: int, cpus: float) -> int:
+    """Windows a read unit takes when `geo.windows_per_task` is null: the archive's windows spread
+    over UNITS_PER_CPU units a CPU, within AUTO_UNIT_WINDOWS."""
+    fewest, most = AUTO_UNIT_WINDOWS
+    return int(min(most, max(fewest, math.ceil(total_windows / max(1.0, cpus * UNITS_PER_CPU)))))
+
+
+def split_windows(windows: list, most: int) -> list[list]:
+    """A scene's windows cut into the fewest consecutive runs of at most `most`, of near-equal
+    length (961 windows at most 481 a run: 480 and 481, not 481 and 480 left over as 481 + 480)."""
+    parts = max(1, math.ceil(len(windows) / max(1, most)))
+    bounds = [len(windows) * i // parts for i in range(parts + 1)]
+    return [windows[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
 def plan_scene(batch: dict[str, np.ndarray], geo: dict, image_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Map function (one scene a call): header -> units of windows, or one row with the reason."""
+    """Map function (one scene a call): header -> units of at most `geo["windows_per_task"]` windows
+    (`split_windows`; the whole scene in one unit when it is None), or one row with the reason."""
     from harma.geo.reader import SceneError, read_header, scene_env
     from harma.geo.tiling import native_tile_pixels, plan_tiles
 
@@ -105,9 +127,8 @@ def plan_scene(batch: dict[str, np.ndarray], geo: dict, image_size: int) -> Iter
         except (SceneError, ValueError) as err:
             yield _unit(uri, scene, "", None, [], f"{err}")
             continue
-        for start in range(0, len(windows), geo["windows_per_task"]):
-            yield _unit(uri, scene, str(when) or header.datetime or "", header,
-                        windows[start:start + geo["windows_per_task"]], "")
+        for run in split_windows(windows, geo.get("windows_per_task") or len(windows)):
+            yield _unit(uri, scene, str(when) or header.datetime or "", header, run, "")
 
 
 def _unit(uri, scene, when, header, windows, error) -> dict[str, np.ndarray]:
@@ -190,23 +211,43 @@ UNIT_KEYS = ("uri", "scene", "datetime", "header", "windows", "error")
 
 def _units_of(scenes: list[dict], geo: dict, image_size: int) -> list[dict]:
     batch = {k: np.array([s.get(k) or "" for s in scenes], dtype=object) for k in ("uri", "scene", "datetime")}
-    return [{k: str(unit[k][0]) for k in UNIT_KEYS} for unit in plan_scene(batch, geo, image_size)]
+    return [{k: str(unit[k][0]) for k in UNIT_KEYS}
+            for unit in plan_scene(batch, {**geo, "windows_per_task": None}, image_size)]  # whole scenes
 
 
 def _tiles_of(scenes: list[dict], geo: dict, image_size: int) -> int:
     return sum(len(json.loads(unit["windows"])) for unit in _units_of(scenes, geo, image_size))
 
 
-def plan_units(scenes: list[dict], geo: dict, image_size: int) -> list[dict]:
+def split_units(units: list[dict], geo: dict, cpus: float) -> list[dict]:
+    """Whole-scene units (plan_scene with windows_per_task None) cut into near-equal read units of
+    at most `geo["windows_per_task"]` windows, or, when that is None, `auto_unit_windows` for a
+    cluster of `cpus` CPUs."""
+    plans = [json.loads(u["windows"]) for u in units]
+    most = geo.get("windows_per_task") or auto_unit_windows(sum(len(p) for p in plans), cpus)
+    out = []
+    for unit, plan in zip(units, plans, strict=True):
+        runs = split_windows(plan, most)
+        out += [unit] if len(runs) == 1 else [{**unit, "windows": json.dumps(run)} for run in runs]
+    return out
+
+
+def plan_units(scenes: list[dict], geo: dict, image_size: int, sample_fraction: float | None = None) -> list[dict]:
     """The scenes' read units in scene order ({uri, scene, datetime, header, windows, error}, strings;
     a scene that cannot be read is one unit carrying its reason), from their headers read by Ray
-    tasks of HEADERS_PER_TASK scenes each."""
+    tasks of HEADERS_PER_TASK scenes each; with `sample_fraction`, a seeded share of each scene's
+    windows (`sample_windows`, drawn over the whole scene: the same on any cluster); then cut for
+    the cluster's CPUs (`split_units`)."""
     import ray
 
     task = ray.remote(num_cpus=HEADER_CPUS)(_units_of)
     parts = ray.get([task.remote(scenes[i:i + HEADERS_PER_TASK], geo, image_size)
                      for i in range(0, len(scenes), HEADERS_PER_TASK)])
-    return [unit for part in parts for unit in part]
+    units = [unit for part in parts for unit in part]
+    if sample_fraction is not None and sample_fraction < 1 and units:
+        kept = sample_windows({k: np.array([u[k] for u in units], dtype=object) for k in UNIT_KEYS}, sample_fraction)
+        units = [{k: str(kept[k][i]) for k in UNIT_KEYS} for i in range(len(kept["uri"]))]
+    return split_units(units, geo, ray.cluster_resources().get("CPU", 1.0))
 
 
 def count_tiles(scenes: list[dict], geo: dict, image_size: int) -> int:
@@ -244,10 +285,7 @@ def tile_dataset(scenes: list[dict], geo: dict, image_size: int, sample_fraction
     `sample_fraction`, of a seeded random share of each scene's tiles (`sample_windows`)."""
     import ray
 
-    units = plan_units(scenes, geo, image_size)
-    if sample_fraction is not None and sample_fraction < 1 and units:
-        kept = sample_windows({k: np.array([u[k] for u in units], dtype=object) for k in UNIT_KEYS}, sample_fraction)
-        units = [{k: str(kept[k][i]) for k in UNIT_KEYS} for i in range(len(kept["uri"]))]
+    units = plan_units(scenes, geo, image_size, sample_fraction)
     ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))  # a block, and a read task, per unit
     return ds.map_batches(read_unit, fn_kwargs={"geo": geo, "image_size": image_size}, batch_size=1,
                           batch_format="numpy", num_cpus=TILE_CPUS)

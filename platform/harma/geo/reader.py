@@ -60,13 +60,21 @@ def _aws_session(endpoint: str, access_key: str | None, secret_key: str | None, 
                       endpoint_url=endpoint)
 
 
+BLOCK_CACHE_BYTES = 128 * 2**20  # GDAL's decoded-block cache in a reading process (GDAL's default is 5% of
+# the host's RAM, 6.4 GiB on a 128 GiB node, per process): twice a region read's budget, as fast as the
+# default on a 6,000 px scene (4.6-5.1 s against 4.7-5.1 s) with 150 MiB less memory (324 against 472 MiB USS)
+
+
 @contextlib.contextmanager
 def scene_env() -> Iterator[None]:
-    """rasterio/GDAL environment for reading scenes from the configured object store."""
+    """rasterio/GDAL environment for reading scenes from the configured object store; GDAL's block
+    cache bounded to BLOCK_CACHE_BYTES unless GDAL_CACHEMAX is set in the environment."""
     import rasterio
 
     options = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff",
                "GDAL_HTTP_MAX_RETRY": "2", "GDAL_HTTP_RETRY_DELAY": "0.5", "VSI_CACHE": "TRUE"}
+    if not os.environ.get("GDAL_CACHEMAX"):
+        options["GDAL_CACHEMAX"] = BLOCK_CACHE_BYTES  # an int: bytes (a string under 100,000 would be MB)
     endpoint = os.environ.get("HARMA_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
     session = None
     if endpoint:
