@@ -28,7 +28,7 @@ KEYS = {
     "index_update.py": ("add_ratio", "rebuild_s", "ceiling_ratio", "delete_s"),
     "shard_fanout.py": ("fanout_overhead_p50_ms", "identical", "low_load"),
     "place_search.py": ("models", "mean_precision_gain"),
-    "geo_tiles.py": ("ratio_per_core", "bare_tiles_per_s_1core", "pipeline_tiles_per_s", "memory"),
+    "geo_tiles.py": ("ratio", "bare_tiles_per_s_all_cores", "pipeline_tiles_per_s", "memory"),
 }
 
 
