@@ -66,18 +66,12 @@ def _bare_read(jobs: list[tuple[str, str, list]], size: int) -> dict[str, int]:
 
 def _jobs(scenes: list[dict], cores: int) -> list[tuple[str, str, list]]:
     """The scenes' windows in the units the pipeline reads them by on `cores` CPUs
-    (harma.geo.corpus.plan_scene's, cut by split_units)."""
+    (harma.geo.corpus.scene_units, cut by split_units as plan_units cuts them)."""
     import json
 
-    import numpy as np
+    from harma.geo.corpus import scene_units, split_units
 
-    from harma.geo.corpus import UNIT_KEYS, plan_scene, split_units
-
-    units = []
-    for scene in scenes:
-        batch = {k: np.array([scene.get(k) or ""], dtype=object) for k in ("uri", "scene", "datetime")}
-        units += [{k: str(u[k][0]) for k in UNIT_KEYS} for u in plan_scene(batch, GEO, 0)]
-    return [(u["uri"], u["scene"], json.loads(u["windows"])) for u in split_units(units, GEO, cores)]
+    return [(u["uri"], u["scene"], json.loads(u["windows"])) for u in split_units(scene_units(scenes, GEO, 0), GEO, cores)]
 
 
 def bare_rate(scenes: list[dict], size: int) -> tuple[float, dict[str, int]]:
@@ -137,7 +131,7 @@ def build_peak_rss(stac: str, workdir: str) -> dict:
     def role(cmd: str) -> str:  # a worker process's title names the task or actor it runs
         if "ImageEmbedder" in cmd:
             return "embedding actor"
-        return "scene reader" if ("read_unit" in cmd or "_units_of" in cmd) else "other"
+        return "scene reader" if ("read_unit" in cmd or "scene_units" in cmd) else "other"
 
     def sample() -> None:
         while not stop.is_set():

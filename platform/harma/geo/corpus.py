@@ -209,14 +209,15 @@ HEADERS_PER_TASK = 32  # scenes whose headers one planning (or counting) task re
 UNIT_KEYS = ("uri", "scene", "datetime", "header", "windows", "error")
 
 
-def _units_of(scenes: list[dict], geo: dict, image_size: int) -> list[dict]:
+def scene_units(scenes: list[dict], geo: dict, image_size: int) -> list[dict]:
+    """One unit (UNIT_KEYS, strings) a scene with all of its windows, from its header (plan_scene)."""
     batch = {k: np.array([s.get(k) or "" for s in scenes], dtype=object) for k in ("uri", "scene", "datetime")}
     return [{k: str(unit[k][0]) for k in UNIT_KEYS}
             for unit in plan_scene(batch, {**geo, "windows_per_task": None}, image_size)]  # whole scenes
 
 
 def _tiles_of(scenes: list[dict], geo: dict, image_size: int) -> int:
-    return sum(len(json.loads(unit["windows"])) for unit in _units_of(scenes, geo, image_size))
+    return sum(len(json.loads(unit["windows"])) for unit in scene_units(scenes, geo, image_size))
 
 
 def split_units(units: list[dict], geo: dict, cpus: float) -> list[dict]:
@@ -240,7 +241,7 @@ def plan_units(scenes: list[dict], geo: dict, image_size: int, sample_fraction: 
     the cluster's CPUs (`split_units`)."""
     import ray
 
-    task = ray.remote(num_cpus=HEADER_CPUS)(_units_of)
+    task = ray.remote(num_cpus=HEADER_CPUS)(scene_units)
     parts = ray.get([task.remote(scenes[i:i + HEADERS_PER_TASK], geo, image_size)
                      for i in range(0, len(scenes), HEADERS_PER_TASK)])
     units = [unit for part in parts for unit in part]
